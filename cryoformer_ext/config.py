@@ -1,0 +1,91 @@
+"""User-facing settings of one cryoFormer job, shared by the CLI, RELION and cryoSPARC adapters.
+
+The names are what a RELION user types into the External job's label/value fields, so they are short
+snake_case words; :meth:`JobConfig.from_strings` turns those strings into typed values with a clear
+error for anything it cannot read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class JobConfigError(ValueError):
+    """A job parameter has a value that cannot be used; the message names the parameter."""
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(20, ge=1, description="passes over the particle set")
+    zdim: int = Field(8, ge=0, description="latent dimensions (0 = homogeneous reconstruction)")
+    train_box: int | None = Field(None, ge=16, description="Fourier-crop images to this box for training (even; default: 64 or the input box if smaller)")
+    batch_size: int = Field(8, ge=1, description="images per training step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    poses: Literal["given", "refine", "predict"] = Field(
+        "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
+    attention: Literal["point", "literal"] = Field("point", description="spatial attention form (literal: small boxes / ablations)")
+    tokens: int = Field(64, ge=1, description="structure queries N")
+    channels: int = Field(64, ge=4, description="token width C")
+    enc_layers: int = Field(10, ge=1, description="hidden layers of the image encoders")
+    enc_dim: int = Field(128, ge=8, description="width of the image encoders")
+    kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
+    pcs: int = Field(2, ge=0, description="principal components to make volume series along")
+    pc_steps: int = Field(10, ge=2, description="maps per principal-component series")
+    map_box: int | None = Field(None, ge=8, description="box of the output maps (default: the training box)")
+    gpus: str = Field("", description="comma-separated GPU ids; empty = CPU, or the first GPU if any")
+    seed: int = Field(0, description="random seed (same seed, same result)")
+    amp: bool = Field(True, description="mixed precision on GPU")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+
+    @field_validator("train_box", "map_box")
+    @classmethod
+    def _even(cls, v: int | None) -> int | None:
+        if v is not None and v % 2:
+            raise ValueError("must be an even number of pixels")
+        return v
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str | None], *, source: str = "parameters") -> "JobConfig":
+        """Build from ``--label value`` strings; a bare flag (value None or "") means True for booleans."""
+        typed: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in cls.model_fields:
+                known = ", ".join(sorted(cls.model_fields))
+                raise JobConfigError(f"{source}: unknown parameter '{key}' (known: {known})")
+            typed[name] = _coerce(cls.model_fields[name].annotation, raw, name, source)
+        try:
+            return cls(**typed)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise JobConfigError(f"{source}: parameter '{loc}' = {values.get(loc)!r}: {first['msg']}") from None
+
+    @classmethod
+    def help_table(cls) -> str:
+        lines = []
+        for name, f in cls.model_fields.items():
+            default = "" if f.default is None else f.default
+            lines.append(f"  --{name:<12} {str(default):<8} {f.description}")
+        return "\n".join(lines)
+
+    def gpu_ids(self) -> list[int]:
+        return [int(x) for x in self.gpus.replace(" ", "").split(",") if x != ""]
+
+
+def _coerce(annotation: Any, raw: str | None, name: str, source: str) -> Any:
+    if annotation is bool:
+        if raw in (None, ""):
+            return True
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "y", "on"):
+            return True
+        if low in ("0", "false", "no", "n", "off"):
+            return False
+        raise JobConfigError(f"{source}: parameter '{name}' expects yes/no, got {raw!r}")
+    if raw is None:
+        raise JobConfigError(f"{source}: parameter '{name}' needs a value")
+    return raw.strip()
