@@ -1,0 +1,129 @@
+"""The deformation transformer decoder and the spatial attention that turns it into density.
+
+Structure queries (N learned tokens of width C) pass through blocks of self-attention,
+cross-attention to the image's deformation tokens F_D, and a feed-forward layer. The resulting
+per-image tokens T describe the conformation. Density at a point x then comes from the hash-grid
+feature of x attending over T.
+
+Two forms of that spatial attention are offered (see ``shared/notes/model_design.md`` §3):
+
+* ``point`` (default): the C-wide feature q(x) attends over the N tokens, so each point costs two
+  small GEMMs (N*C each) and the keys/values are computed once per image, not per point. The
+  attention weights a(x) over the structure queries are the paper's "3D attention map".
+* ``literal``: the paper read literally, F_S(x) is an N x C matrix per point and
+  softmax(T F_S(x)^T / sqrt(C)) T is an N x N attention per point, followed by a per-token FFN and a
+  mean. About 20x more work per point; for small boxes and ablations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"token width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, c = q.shape
+        h = self.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(b, -1, h, c // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)))
+        return self.o(out.transpose(1, 2).reshape(b, n, c))
+
+
+class DeformationBlock(nn.Module):
+    """Self-attention over the queries, cross-attention to F_D, FFN (pre-norm residual)."""
+
+    def __init__(self, dim: int, heads: int, values: Literal["queries", "deformation"]):
+        super().__init__()
+        self.values = values
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_fd = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, t: torch.Tensor, f_d: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(t)
+        t = t + self.self_attn(x, x, x)
+        if f_d is not None:
+            x = self.norm2(t)
+            fd = self.norm_fd(f_d)
+            # the paper writes Attn(Q, F_D, Q): keys from the deformation, values from the queries
+            t = t + self.cross_attn(x, fd, x if self.values == "queries" else fd)
+        return t + self.ffn(self.norm3(t))
+
+
+class StructureDecoder(nn.Module):
+    def __init__(self, tokens: int, dim: int, blocks: int = 3, heads: int = 4,
+                 values: Literal["queries", "deformation"] = "queries"):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(tokens, dim) * 0.5)
+        self.blocks = nn.ModuleList(DeformationBlock(dim, heads, values) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, f_d: torch.Tensor | None, batch: int) -> torch.Tensor:
+        t = self.queries.unsqueeze(0).expand(batch, -1, -1)
+        for blk in self.blocks:
+            t = blk(t, f_d)
+        return self.norm(t)
+
+
+class SpatialDensityHead(nn.Module):
+    """Hash-grid features of points + per-image tokens T -> density at those points."""
+
+    def __init__(self, feat_dim: int, tokens: int, dim: int, mode: Literal["point", "literal"] = "point",
+                 hidden: int = 16):
+        super().__init__()
+        self.mode = mode
+        self.tokens, self.dim = tokens, dim
+        out = dim if mode == "point" else tokens * dim
+        # the paper's "tiny MLP with one layer and hidden dimension 16" after the hash grid
+        self.spatial = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
+        if mode == "point":
+            self.k = nn.Linear(dim, dim)
+            self.v = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+
+    def keys_values(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image keys and values (computed once per image, shared by all its points)."""
+        if self.mode == "point":
+            return self.k(t), self.v(t)
+        return t, t
+
+    def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                return_attention: bool = False):
+        """``feats`` (B, P, F) hash features; returns density (B, P) [and attention (B, P, N)]."""
+        keys, values = kv
+        if self.mode == "point":
+            q = self.spatial(feats)                                       # (B, P, C)
+            logits = torch.bmm(q, keys.transpose(1, 2)) / math.sqrt(self.dim)
+            a = torch.softmax(logits.float(), dim=-1).to(q.dtype)         # (B, P, N)
+            o = torch.bmm(a, values)                                      # (B, P, C)
+            dens = self.ffn(o + q).squeeze(-1)
+            return (dens, a) if return_attention else dens
+        b, p, _ = feats.shape
+        fs = self.spatial(feats).reshape(b, p, self.tokens, self.dim)     # F_S(x): N x C per point
+        logits = torch.einsum("bic,bpjc->bpij", keys, fs) / math.sqrt(self.dim)
+        a = torch.softmax(logits.float(), dim=-1).to(fs.dtype)            # (B, P, N, N)
+        o = torch.einsum("bpij,bjc->bpic", a, values)                     # Attn(T, F_S(x), T)
+        dens = self.ffn(o).squeeze(-1).mean(-1)
+        if return_attention:
+            return dens, a.mean(2)
+        return dens

@@ -1,0 +1,75 @@
+"""Image encoders: an image in, a deformation latent or an orientation out.
+
+Both are plain ReLU MLPs over the pixels inside the inscribed circle (10 hidden layers of 128 by
+default, as in the cryoFormer paper). Pixels in the corners carry only noise and the CTF's
+delocalised tails, so masking them keeps the first layer small and the encoders from fitting noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lattice import circular_mask
+from .poses import six_d_to_rot
+
+
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    mods: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]
+    for _ in range(layers - 1):
+        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
+    mods.append(nn.Linear(hidden, out_dim))
+    return nn.Sequential(*mods)
+
+
+class MaskedImageMLP(nn.Module):
+    def __init__(self, box: int, hidden: int, layers: int, out_dim: int):
+        super().__init__()
+        mask = circular_mask(box)
+        self.register_buffer("pixel_index", torch.nonzero(mask.reshape(-1)).squeeze(1), persistent=False)
+        self.net = mlp(int(mask.sum()), hidden, layers, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.reshape(images.shape[0], -1).index_select(1, self.pixel_index)
+        return self.net(flat)
+
+
+class DeformationEncoder(nn.Module):
+    """Image -> Gaussian posterior over the latent z (mean, log-variance).
+
+    A variational latent (with a small KL weight) keeps the latent space smooth and centred, which
+    is what makes PCA trajectories and k-means on the latents meaningful afterwards.
+    """
+
+    def __init__(self, box: int, zdim: int, hidden: int = 128, layers: int = 10):
+        super().__init__()
+        self.zdim = zdim
+        self.body = MaskedImageMLP(box, hidden, layers, 2 * zdim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(images)
+        mu, logvar = out[:, : self.zdim], out[:, self.zdim:]
+        return mu, torch.clamp(logvar, -10.0, 5.0)
+
+
+class OrientationEncoder(nn.Module):
+    """Image -> rotation (6-D Gram-Schmidt representation) and in-plane shift in pixels.
+
+    The shift head is bounded by ``max_shift_px`` with a tanh: a particle picked far off-centre is
+    already an extraction problem, and the bound keeps early training from drifting out of the box.
+    """
+
+    def __init__(self, box: int, hidden: int = 128, layers: int = 10, max_shift_px: float | None = None):
+        super().__init__()
+        self.body = MaskedImageMLP(box, hidden, layers, 8)
+        self.max_shift = float(max_shift_px if max_shift_px is not None else box / 8)
+        with torch.no_grad():  # start near the identity so early renders are well defined
+            last = self.body.net[-1]
+            last.weight.mul_(0.01)
+            last.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0]))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(images)
+        rot = six_d_to_rot(out[:, :6].float())
+        shift = torch.tanh(out[:, 6:8].float()) * self.max_shift
+        return rot, shift

@@ -1,0 +1,342 @@
+"""tiny-cuda-nn's multi-resolution HashGrid encoding, reproduced in plain PyTorch.
+
+Why reproduce tcnn instead of using one of the common PyTorch hash grids: cryoFormer used tcnn, and the
+well-known PyTorch ports (nerfstudio, fast-ngp) compute a *different* function (no ``-1`` in the scale,
+no ``+0.5`` offset, every level hashed, other init).  Matching tcnn means a checkpoint trained on a GPU
+with tcnn evaluates to the same density on a CPU without it, and the ablations are about the model and
+not about an accidental change of encoding.  See ``/work/shared/notes/model_design.md`` §2.1-2.4.
+
+Design decisions, and why:
+
+* ``scale_l = exp2(l * log2(b)) * N_min - 1`` in fp32 and ``res_l = ceil(scale_l) + 1``: tcnn counts
+  *vertices*, so a level with ``N_min = 16`` spans 15 cells plus the one extra vertex the ``+0.5``
+  offset needs.  Every constant is computed exactly as the CUDA code does (fp32), because ``res_l``
+  decides the table sizes and therefore the parameter layout.
+* ``pos = fma(scale, x, 0.5)``: the half-cell offset staggers the levels so vertices of different
+  levels do not coincide at integer multiples of the base scale (Instant-NGP, App. A); without it
+  all levels would share the vertex at the origin and at every power-of-``b`` position.  We emulate
+  the single rounding of ``fmaf`` by forming ``scale * x + 0.5`` in fp64 and rounding once to fp32:
+  a plain fp32 ``x * scale + 0.5`` rounds twice.  For pos > 1 adding 0.5 is exact, so the two only
+  differ where the sum crosses a power of two -- rarely, but then by up to one ulp of pos (~5e-4 at
+  pos ~ 7000), and by ~1e-7 relative everywhere at coarse levels.  The fp64 step is only on the
+  (3, P) positions, not on the (8, P, F) gathers; its cost was within timing noise
+  (``bench/bench_hashgrid.py`` measures both; ``fma_emulation=False`` gives the plain fp32 path).
+* ``scale`` uses numpy's fp32 ``exp2``, which may differ from CUDA's ``exp2f`` (<= 2 ulp) in the last
+  bit.  That moves fine-level positions by up to ~1e-3 of a cell, and could change ``res`` only
+  where ``scale`` is within an ulp of an integer (default config: level 1 gives 23.0, level 4
+  79.99999).  For hashed levels ``res`` does not enter the index; for dense level 1 our res = 24
+  matches the level table in the design notes.  Not verifiable here without a GPU.
+* Coarse levels are *dense* (``g0 + g1*res + g2*res^2``) while ``res^3`` fits the table: then every
+  vertex has its own entry and there are no collisions to average out; hashing is only used where the
+  grid has more vertices than ``2^log2_T`` entries.  Nothing is clamped: out-of-range positions wrap in
+  uint32 and then modulo the level size, exactly as in tcnn (the dense index of a negative vertex
+  wraps, it is not clipped).  ``floor`` is converted to int32 with saturation, as CUDA's ``cvt`` does.
+* Integer arithmetic is done in int64 with the vertex coordinates kept as *signed* 32-bit values and
+  the result masked to 32 bits: ``(uint32)g * prime mod 2^32`` equals ``(int64)g * prime mod 2^32``
+  and the signed product never overflows int64 (|g| <= 2^31, prime < 2^32).
+* A custom :class:`torch.autograd.Function` with an ``index_add_`` backward: autograd through
+  ``table[idx]`` builds a (P*8, F) gather node per level and a generic scatter in backward, which is
+  several times slower on CPU and keeps all indices alive.  Our backward recomputes the indices and
+  weights per level (cheap integer work) instead of storing 16 x (P, 8) int64 tensors, so the
+  memory held between forward and backward is just ``x``.
+* **Only the table gets a gradient.**  ``x`` gets ``None``: poses are given (or refined elsewhere),
+  so dL/dx would be pure cost.  Do not put this encoder on a path that needs gradients w.r.t. the
+  positions.
+* Everything is computed in fp32 with autocast disabled, so forward and backward behave the same
+  under ``torch.autocast`` on CUDA or CPU; the output is fp32.  (tcnn's default accumulates in fp16,
+  which no fp32 implementation can reproduce bit-for-bit.)
+* One flat ``nn.Parameter`` named ``params`` of length ``total * F``, level by level, feature
+  innermost: this is tcnn's own layout, so a ``state_dict`` moves between the torch and tcnn
+  backends (and a tcnn ``params`` tensor loads directly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["HashGrid", "hashgrid_level_table"]
+
+_MASK32 = 0xFFFFFFFF
+# tcnn's CoherentPrime factors for the first three dimensions ("1" keeps x-neighbours coherent in memory).
+_PRIMES = (1, 2654435761, 805459861)
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+
+def _next_multiple(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def hashgrid_level_table(
+    n_levels: int, log2_table_size: int, base_resolution: float, per_level_scale: float
+) -> list[dict]:
+    """Per-level ``scale``, ``res``, ``size``, ``offset`` and ``hashed`` exactly as tcnn derives them.
+
+    All float steps are fp32 (tcnn computes them with ``float`` on host and device), so the table
+    sizes -- hence the parameter layout -- agree with a tcnn checkpoint.
+    """
+    log2s = np.float32(np.log2(np.float32(per_level_scale)))
+    base = np.float32(base_resolution)
+    cap = 1 << int(log2_table_size)
+    max_params = _MASK32 // 2
+    table, offset = [], 0
+    for level in range(n_levels):
+        scale = np.float32(np.exp2(np.float32(level) * log2s)) * base - np.float32(1.0)
+        scale = np.float32(scale)
+        res = int(math.ceil(float(scale))) + 1
+        dense = res**3
+        size = min(_next_multiple(min(dense, max_params), 8), cap)
+        hashed = size < dense
+        table.append(
+            dict(level=level, scale=float(scale), res=res, size=size, offset=offset, hashed=hashed)
+        )
+        offset += size
+    return table
+
+
+def _positions_t(x: torch.Tensor, fma_emulation: bool) -> torch.Tensor:
+    """(3, P) coordinates, fp64 when emulating ``fmaf``.  Dimension-major so that every per-level
+    tensor below has the long point axis innermost (broadcasting over a trailing axis of 2 or 8
+    defeats vectorization and was ~4x slower on CPU)."""
+    return (x.double() if fma_emulation else x.float()).t().contiguous()
+
+
+def _level_corners(xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (8, P) int64 into this level's table and trilinear weights (8, P) fp32.
+
+    Corner ``c = 4*c2 + 2*c1 + c0`` takes ``g_d + c_d``, the CUDA loop order; weights are formed as
+    ``(w_0 * w_1) * w_2`` in fp32, tcnn's order, so they match it bit for bit.
+    """
+    P = xt.shape[1]
+    dev = xt.device
+    # fmaf(scale, x, 0.5): in fp64 the product is exact, so this rounds once, like fmaf.
+    pos = (xt * lv["scale"] + 0.5).float()
+    fl = torch.floor(pos)
+    frac = pos - fl  # (3, P), the same fp32 subtraction as tcnn
+    # (uint32)(int)floor(pos): CUDA's float->int32 conversion saturates; keep it as signed int64.
+    g = fl.clamp_(-2147483648.0, 2147483648.0).long().clamp_(_INT32_MIN, _INT32_MAX)
+    gg = g.unsqueeze(0) + torch.tensor([0, 1], device=dev).view(2, 1, 1)  # (2, 3, P): g_d + c_d
+    ww = torch.stack((1.0 - frac, frac))  # (2, 3, P)
+    w = (ww[None, None, :, 0] * ww[None, :, None, 1]) * ww[:, None, None, 2]  # (2, 2, 2, P)
+    size = lv["size"]
+    if lv["hashed"]:
+        aa = gg * torch.tensor(_PRIMES, device=dev).view(1, 3, 1)
+        pow2 = size & (size - 1) == 0
+        # "& (2^32-1) then % size" is one mask for a power-of-two size, and masks commute with xor.
+        aa &= (size - 1) if pow2 else _MASK32
+        idx = aa[:, None, None, 2] ^ aa[None, :, None, 1] ^ aa[None, None, :, 0]
+        if not pow2:
+            idx = idx % size
+    else:
+        res = lv["res"]
+        aa = gg * torch.tensor([1, res, res * res], device=dev).view(1, 3, 1)
+        idx = (aa[:, None, None, 2] + aa[None, :, None, 1] + aa[None, None, :, 0]) & _MASK32
+        idx = idx % size
+    return idx.view(8, P), w.reshape(8, P)
+
+
+def _cpu_fast_paths(x: torch.Tensor) -> bool:
+    """CPU-tuned bmm / complex64 scatter; the plain broadcast form is used elsewhere (and in a test)."""
+    return x.device.type == "cpu"
+
+
+def _gather_rows(tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``tab[idx]`` for a (size, F) fp32 table.  A row of F=2 (F=4) floats is gathered as one
+    float64 (complex128) element, which is ~3x faster on CPU than gathering 2-float rows."""
+    F = tab.shape[1]
+    wide = {2: torch.float64, 4: torch.complex128}.get(F)
+    if wide is not None and tab.is_contiguous():
+        return tab.view(wide).view(-1).index_select(0, idx).view(torch.float32).view(-1, F)
+    return tab.index_select(0, idx)
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Forward gathers 8 rows per level; backward scatters with ``index_add_`` (table gradient only)."""
+
+    @staticmethod
+    def forward(ctx, x, params, levels, n_features, fma_emulation):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            table = params.float().view(-1, n_features)
+            P, F = x.shape[0], n_features
+            xt = _positions_t(x, fma_emulation)
+            cpu = _cpu_fast_paths(x)
+            out = torch.empty(P, len(levels) * F, device=x.device, dtype=torch.float32)
+            for lv in levels:
+                idx, w = _level_corners(xt, lv)
+                tab = table.narrow(0, lv["offset"], lv["size"])
+                vals = _gather_rows(tab, idx.view(-1)).view(8, P, F)
+                l = lv["level"]
+                if cpu:  # a broadcast over a trailing axis of F is ~2x slower than bmm on CPU
+                    o = torch.bmm(w.t().unsqueeze(1), vals.transpose(0, 1)).view(P, F)
+                else:
+                    o = (vals * w.unsqueeze(-1)).sum(0)
+                out[:, l * F : (l + 1) * F] = o
+        ctx.save_for_backward(x)
+        ctx.levels, ctx.n_features, ctx.fma = levels, n_features, fma_emulation
+        ctx.params_shape, ctx.params_dtype = params.shape, params.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None
+        F = ctx.n_features
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            grad_out = grad_out.float()
+            total = ctx.levels[-1]["offset"] + ctx.levels[-1]["size"]
+            gtab = torch.zeros(total, F, device=x.device, dtype=torch.float32)
+            P = x.shape[0]
+            cpu = _cpu_fast_paths(x)
+            xt = _positions_t(x, ctx.fma)
+            for lv in ctx.levels:
+                # Recomputed rather than saved: 16 levels x (8, P) int64 would dominate memory.
+                idx, w = _level_corners(xt, lv)
+                l = lv["level"]
+                g = grad_out[:, l * F : (l + 1) * F]  # (P, F)
+                gl = gtab.narrow(0, lv["offset"], lv["size"])
+                idx = idx.view(-1)
+                if not cpu:
+                    gl.index_add_(0, idx, (w.unsqueeze(-1) * g.unsqueeze(0)).view(8 * P, F))
+                elif F == 1:
+                    gl.view(-1).index_add_(0, idx, (w * g.reshape(1, P)).view(-1))
+                else:
+                    # CPU: the weights repeated per feature keep the multiply contiguous, and an F=2
+                    # row is scattered as one complex64 (two independent float32 adds) -- ~3x faster
+                    # than broadcasting over F and index_add_ of 2-float rows.
+                    src = (w.repeat_interleave(F, dim=1) * g.reshape(1, P * F)).view(8 * P, F)
+                    if F == 2:
+                        gl.view(torch.complex64).view(-1).index_add_(0, idx, torch.view_as_complex(src))
+                    else:
+                        gl.index_add_(0, idx, src)
+        return None, gtab.view(ctx.params_shape).to(ctx.params_dtype), None, None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _tcnn_available() -> bool:
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return True
+
+
+class HashGrid(torch.nn.Module):
+    """Multi-resolution hash-grid encoding, numerically tcnn's ``HashGrid`` with Linear interpolation.
+
+    ``forward(x)`` takes ``x`` (P, 3) (or (..., 3)) nominally in [0, 1]^3 -- nothing is clamped -- and
+    returns (P, n_levels * n_features) fp32, level-major (column ``level * F + f``).
+
+    Only ``params`` receives a gradient; ``x`` does not (see the module docstring).
+
+    ``backend``: ``"torch"`` always uses the PyTorch path; ``"auto"`` uses ``tinycudann`` when it
+    imports and ``x`` is on CUDA, else PyTorch; ``"tcnn"`` requires tinycudann.  Both share the one
+    flat ``params`` parameter, so checkpoints are interchangeable.  The init is tcnn's
+    U(-1e-4, 1e-4), drawn from a torch generator seeded with ``seed`` (tcnn's own PCG stream is not
+    reproduced).
+    """
+
+    def __init__(
+        self,
+        n_levels: int = 16,
+        n_features: int = 2,
+        log2_table_size: int = 15,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.5,
+        seed: int = 1337,
+        backend: str = "auto",
+        fma_emulation: bool = True,
+    ):
+        super().__init__()
+        if backend not in ("auto", "torch", "tcnn"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'tcnn', got {backend!r}")
+        if n_features not in (1, 2, 4, 8):
+            raise ValueError("n_features must be 1, 2, 4 or 8 (as in tcnn)")
+        self.n_levels = int(n_levels)
+        self.n_features = int(n_features)
+        self.log2_table_size = int(log2_table_size)
+        self.base_resolution = base_resolution
+        self.per_level_scale = float(per_level_scale)
+        self.seed = int(seed)
+        self.backend = backend
+        self.fma_emulation = bool(fma_emulation)
+        self.n_input_dims = 3
+        self.n_output_dims = self.n_levels * self.n_features
+        self._levels = hashgrid_level_table(
+            self.n_levels, self.log2_table_size, base_resolution, self.per_level_scale
+        )
+        self.n_entries = self._levels[-1]["offset"] + self._levels[-1]["size"]
+        gen = torch.Generator().manual_seed(self.seed)
+        init = (torch.rand(self.n_entries * self.n_features, generator=gen) * 2.0 - 1.0) * 1e-4
+        self.params = torch.nn.Parameter(init)
+        if backend == "tcnn" and not _tcnn_available():
+            raise RuntimeError("backend='tcnn' but tinycudann does not import")
+        self.__dict__["_tcnn_module"] = None  # not a submodule: its own params must not enter state_dict
+
+    def level_table(self) -> list[dict]:
+        """res, size, offset, hashed (and scale) per level; a copy."""
+        return [dict(lv) for lv in self._levels]
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_levels={self.n_levels}, n_features={self.n_features}, log2_T={self.log2_table_size}, "
+            f"base_resolution={self.base_resolution}, per_level_scale={self.per_level_scale}, "
+            f"n_params={self.params.numel()}, backend={self.backend!r}"
+        )
+
+    # -- tcnn path -----------------------------------------------------------------------------------
+    def _use_tcnn(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "tcnn":
+            return True
+        return x.is_cuda and _tcnn_available()
+
+    def _tcnn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        import tinycudann as tcnn
+
+        if not (x.is_cuda and self.params.is_cuda):
+            raise RuntimeError("the tcnn backend needs x and the module on CUDA")
+        enc = self.__dict__["_tcnn_module"]
+        if enc is None or self.__dict__.get("_tcnn_device") != self.params.device:
+            config = {
+                "otype": "HashGrid",
+                "n_levels": self.n_levels,
+                "n_features_per_level": self.n_features,
+                "log2_hashmap_size": self.log2_table_size,
+                "base_resolution": self.base_resolution,
+                "per_level_scale": self.per_level_scale,
+                "interpolation": "Linear",
+            }
+            with torch.cuda.device(self.params.device):
+                try:
+                    enc = tcnn.Encoding(3, config, seed=self.seed, dtype=torch.float32)
+                except TypeError:  # older bindings without ``dtype``
+                    enc = tcnn.Encoding(3, config, seed=self.seed)
+            if enc.params.numel() != self.params.numel():
+                raise RuntimeError(
+                    f"tcnn HashGrid has {enc.params.numel()} params, the torch layout "
+                    f"{self.params.numel()}: layouts differ, refusing to mix them"
+                )
+            self.__dict__["_tcnn_module"] = enc
+            self.__dict__["_tcnn_device"] = self.params.device
+        # Share our parameter so the optimizer, state_dict and both backends see one tensor.
+        enc.params = self.params
+        return enc(x).float()
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, 3)
+        if self._use_tcnn(x):
+            out = self._tcnn_forward(x)
+        else:
+            out = _HashGridFunction.apply(
+                x.detach(), self.params, self._levels, self.n_features, self.fma_emulation
+            )
+        return out.reshape(*lead, self.n_output_dims)

@@ -1,0 +1,112 @@
+"""A trained model loaded for inference: latents of particles and volumes at latents.
+
+This is the only object the job layer and the analysis need after training; it hides the
+model, the training box and the data normalisation behind array-in, array-out methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import ParticleData
+from .model import CryoFormer, ModelConfig
+from .train import CHECKPOINT_NAME, BatchReader, load_checkpoint
+
+
+def latest_checkpoint(directory: str | Path) -> Path:
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no checkpoint ({CHECKPOINT_NAME}) found")
+    return path
+
+
+class Reconstruction:
+    def __init__(self, model: CryoFormer, loss_history: list[float] | None = None, epoch: int = 0):
+        self.model = model.eval()
+        self.loss_history = list(loss_history or [])
+        self.epoch = epoch
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "Reconstruction":
+        path = Path(path)
+        if path.is_dir():
+            path = latest_checkpoint(path)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        state = load_checkpoint(path, dev)
+        model = CryoFormer(ModelConfig(**state["model_config"])).to(dev)
+        model.load_state_dict(state["model"])
+        return cls(model, state.get("loss_history"), int(state.get("epoch", 0)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.points.device
+
+    @property
+    def zdim(self) -> int:
+        return self.model.cfg.zdim
+
+    @property
+    def train_box(self) -> int:
+        return self.model.cfg.box
+
+    @property
+    def train_pixel_size_A(self) -> float:
+        return self.model.cfg.pixel_size_A
+
+    def voxel_size_A(self, box: int | None = None) -> float:
+        return self.train_pixel_size_A * self.train_box / (box or self.train_box)
+
+    @torch.no_grad()
+    def encode(self, data: ParticleData, batch_size: int = 64, indices: np.ndarray | None = None) -> np.ndarray:
+        """Posterior-mean latents (N, zdim) for the particles, in input order."""
+        idx_all = np.arange(len(data)) if indices is None else np.asarray(indices)
+        if self.zdim == 0:
+            return np.zeros((len(idx_all), 0), np.float32)
+        reader = BatchReader(data, self.train_box)
+        out = np.empty((len(idx_all), self.zdim), np.float32)
+        cfg = self.model.cfg
+        for s in range(0, len(idx_all), batch_size):
+            b = reader(idx_all[s:s + batch_size])
+            x = b["images"].to(self.device) / cfg.data_scale
+            if cfg.pose_mode == "given":
+                shift = b["shift"].to(self.device)
+            else:  # the encoder saw images centred with the predicted shift during training
+                _, shift = self.model.orient_encoder(x)
+            mu, _ = self.model.encode(x, shift)
+            out[s:s + len(mu)] = mu.float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def volumes(self, z: np.ndarray | None, box: int | None = None) -> np.ndarray:
+        """Maps ``V[z, y, x]`` (K, box, box, box) at each latent row of ``z`` (or one consensus map)."""
+        box = box or self.train_box
+        if z is None or self.zdim == 0:
+            n = 1 if z is None else len(z)
+            vol = self.model.volume(None, box).cpu().numpy()
+            return np.repeat(vol[None], n, axis=0)
+        zz = torch.as_tensor(np.asarray(z, np.float32).reshape(-1, self.zdim), device=self.device)
+        return np.stack([self.model.volume(zi, box).cpu().numpy() for zi in zz])
+
+    @torch.no_grad()
+    def attention_maps(self, z: np.ndarray | None, box: int | None = None) -> np.ndarray:
+        """Per-voxel attention weights over the structure queries (tokens, box, box, box)."""
+        zz = None if z is None or self.zdim == 0 else torch.as_tensor(np.asarray(z, np.float32).reshape(self.zdim), device=self.device)
+        _, att = self.model.volume(zz, box or self.train_box, attention=True)
+        return att.cpu().numpy()
+
+    @torch.no_grad()
+    def predict_poses(self, data: ParticleData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
+        """Orientation-encoder poses (rot, shift_px in the input box's pixels), when it was trained."""
+        if self.model.cfg.pose_mode == "given":
+            return None
+        reader = BatchReader(data, self.train_box)
+        rots, shifts = [], []
+        for s in range(0, len(data), batch_size):
+            b = reader(np.arange(s, min(s + batch_size, len(data))))
+            r, t = self.model.orient_encoder(b["images"].to(self.device) / self.model.cfg.data_scale)
+            rots.append(r.cpu().numpy())
+            shifts.append(t.cpu().numpy() / reader.scale)
+        return np.concatenate(rots), np.concatenate(shifts)

@@ -1,0 +1,230 @@
+"""Minibatch training with atomic per-epoch checkpoints, exact resume and progress lines.
+
+Resuming must give the same model as an uninterrupted run: the shuffling order of epoch ``e`` is a
+pure function of (seed, e) and the torch RNG state is saved with each checkpoint, so a job that was
+aborted, killed or continued by RELION picks up exactly where the last finished epoch left it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .data import ParticleData
+from .lattice import fourier_crop
+from .model import CryoFormer, ModelConfig
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingAborted(RuntimeError):
+    """Raised when the caller's abort check turns true; the last epoch checkpoint is kept."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    hash_lr_factor: float = Field(10.0, gt=0, description="hash tables learn faster, as in Instant-NGP")
+    kl_weight: float | None = Field(None, ge=0, description="default 1 / (zdim * box^2), cryoDRGN's per-pixel scaling")
+    pose_weight: float = Field(1.0, ge=0, description="initial weight of the pose term in 'refine' mode (halves each epoch)")
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    log_interval_s: float = Field(10.0, gt=0)
+    prefetch: int = Field(2, ge=0, description="minibatches read ahead in a background thread")
+
+
+class BatchReader:
+    """Reads minibatches (images cropped to the training box + per-particle metadata) lazily."""
+
+    def __init__(self, data: ParticleData, box: int):
+        self.data, self.box = data, box
+        self.scale = box / data.box
+
+    def __call__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        imgs = self.data.images.read(idx)
+        batch = {"index": torch.as_tensor(idx), "images": fourier_crop(imgs, self.box)}
+        if self.data.ctf is not None:
+            batch["ctf"] = torch.as_tensor(self.data.ctf.take(idx))
+        if self.data.rot is not None:
+            batch["rot"] = torch.as_tensor(self.data.rot[idx])
+            batch["shift"] = torch.as_tensor(self.data.shift_px[idx] * self.scale)
+        return batch
+
+
+def iterate_batches(reader: BatchReader, order: np.ndarray, batch_size: int, prefetch: int) -> Iterator[dict]:
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if prefetch <= 0:
+        for c in chunks:
+            yield reader(c)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for c in chunks:
+                if stop.is_set():
+                    return
+                q.put(reader(c))
+            q.put(None)
+        except BaseException as err:  # surfaced in the consumer
+            q.put(err)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+def estimate_data_scale(data: ParticleData, box: int, n: int = 500, seed: int = 0) -> float:
+    """Pixel standard deviation of (cropped) images, so inputs and targets are O(1)."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(data), size=min(n, len(data)), replace=False))
+    imgs = fourier_crop(data.images.read(idx), box)
+    s = float(imgs.std())
+    return s if s > 0 else 1.0
+
+
+def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    grid = list(model.grid.parameters())
+    grid_ids = {id(p) for p in grid}
+    rest = [p for p in model.parameters() if id(p) not in grid_ids]
+    return torch.optim.Adam([{"params": rest, "lr": cfg.lr},
+                             {"params": grid, "lr": cfg.lr * cfg.hash_lr_factor}], betas=(0.9, 0.99), eps=1e-15)
+
+
+def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, epoch: int,
+                    history: list[float], train_cfg: TrainConfig) -> None:
+    state = {
+        "format": "cryoformer-checkpoint-1",
+        "model_config": model.cfg.model_dump(),
+        "train_config": train_cfg.model_dump(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "loss_history": history,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"{path}: cannot read checkpoint ({err})") from None
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir: Path, *,
+          log: Callable[[str], None] = print, should_abort: Callable[[], bool] = lambda: False,
+          step_hook: Callable[[int, int], None] | None = None) -> tuple[CryoFormer, list[float]]:
+    """Train (or resume) a model; returns it and the per-epoch mean losses."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / CHECKPOINT_NAME
+    device = torch.device(cfg.device)
+    if model_cfg.pose_mode == "given" and not data.has_poses:
+        raise ValueError("the particles have no poses: use pose mode 'predict'")
+
+    torch.manual_seed(cfg.seed)
+    start_epoch, history = 0, []
+    resumed = None
+    if path.exists():
+        resumed = load_checkpoint(path, device)
+        model_cfg = ModelConfig(**resumed["model_config"])
+    model = CryoFormer(model_cfg).to(device)
+    opt = make_optimizer(model, cfg)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        start_epoch, history = int(resumed["epoch"]), list(resumed["loss_history"])
+        torch.set_rng_state(resumed["torch_rng"].cpu())
+        if resumed.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+        log(f"resumed from {path} after epoch {start_epoch}/{cfg.epochs}")
+    if start_epoch >= cfg.epochs:
+        log(f"training already finished ({start_epoch} epochs)")
+        return model, history
+
+    reader = BatchReader(data, model_cfg.box)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    kl_w = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2)
+    use_amp = cfg.amp and device.type == "cuda"
+    log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
+        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}"
+        + (", bf16 autocast" if use_amp else ""))
+    t_start, done_imgs, last_log = time.time(), 0, 0.0
+    total_imgs = (cfg.epochs - start_epoch) * n
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        pose_w = cfg.pose_weight * 0.5 ** epoch
+        loss_sum, count, t_epoch = 0.0, 0, time.time()
+        for step, batch in enumerate(iterate_batches(reader, order, cfg.batch_size, cfg.prefetch)):
+            if should_abort():
+                raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
+            b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"))
+            loss = out["mse"]
+            if "kl" in out:
+                loss = loss + kl_w * out["kl"]
+            if "pose_loss" in out:
+                loss = loss + pose_w * out["pose_loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bs = b["images"].shape[0]
+            loss_sum += float(out["mse"].detach()) * bs
+            count += bs
+            done_imgs += bs
+            if step_hook is not None:
+                step_hook(epoch, step)
+            now = time.time()
+            if now - last_log >= cfg.log_interval_s or step == steps_per_epoch - 1:
+                last_log = now
+                rate = done_imgs / max(now - t_start, 1e-9)
+                eta = (total_imgs - done_imgs) / max(rate, 1e-9)
+                log(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
+                    f"loss {loss_sum / count:.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
+        history.append(loss_sum / max(count, 1))
+        save_checkpoint(path, model, opt, epoch + 1, history, cfg)
+        log(f"epoch {epoch + 1} done: mean loss {history[-1]:.5f} in {time.time() - t_epoch:.1f} s; checkpoint saved")
+    return model, history

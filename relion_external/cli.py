@@ -1,0 +1,288 @@
+"""``cryoformer-relion``: cryoFormer as a RELION 3.1 / 4.0 / 5.0 External job.
+
+RELION runs, with the project directory as the working directory::
+
+    cryoformer-relion --o External/job012/ --in_parts Refine3D/job011/run_data.star [--in_3dref F]
+        [--in_mask F] [--<label> <value> ...] --j <threads> [<other args>] [--pipeline_control DIR]
+
+and appends stdout to ``run.out`` and stderr to ``run.err``. Values are not quoted by RELION, so a value
+with spaces arrives as several argv items (joined again here) and an empty value as a bare ``--label``.
+The job writes ``particles.star`` (the input particles with every original column, ``rlnCryoformerZ1..K``
+latent coordinates and ``rlnClassNumber`` = k-means class), the maps, ``RELION_OUTPUT_NODES.star`` and
+exactly one of ``RELION_JOB_EXIT_SUCCESS`` / ``_FAILURE`` / ``_ABORTED``. Running it again with the same
+``--o`` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from cryoformer_ext.config import JobConfig, JobConfigError
+
+from . import nodes as _nodes
+
+# options RELION itself passes (see docs/relion.md); everything else is a user parameter
+PROTOCOL_OPTIONS = {"o", "in_parts", "in_3dref", "in_mask", "in_movies", "in_mics", "in_coords", "j",
+                    "pipeline_control"}
+PARTICLES_OUT = "particles.star"
+MAP_NODE_KINDS = ("consensus", "kmeans", "pc", "flexibility")  # attention maps are index maps: no nodes
+
+
+class UsageError(ValueError):
+    pass
+
+
+class Terminated(BaseException):
+    """SIGTERM (scancel, a queue's time limit, kill): end as aborted so that RELION does not wait forever."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
+    raise Terminated()
+
+
+def parse_argv(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
+    """RELION-style ``--key value`` pairs: a value is every following item up to the next ``--key``.
+
+    Returns (options, stray items). Several items are joined with single spaces (RELION does not quote
+    values); a key with no items gets None (a parameter with an empty value).
+    """
+    opts: dict[str, str | None] = {}
+    stray: list[str] = []
+    key: str | None = None
+    vals: list[str] = []
+
+    def flush() -> None:
+        if key is not None:
+            opts[key] = " ".join(vals) if vals else None
+
+    for item in argv:
+        if item.startswith("--") and len(item) > 2:
+            flush()
+            key, vals = item[2:], []
+            if "=" in key:  # tolerate --key=value
+                key, v = key.split("=", 1)
+                vals.append(v)
+        elif key is None:
+            stray.append(item)
+        else:
+            vals.append(item)
+    flush()
+    return opts, stray
+
+
+def help_text() -> str:
+    rows = []
+    for name, f in JobConfig.model_fields.items():
+        default = "" if f.default is None else f.default
+        if isinstance(default, bool):
+            default = "yes" if default else "no"
+        rows.append(f"  {name:<12} {str(default):<14} {f.description}")
+    return (
+        "cryoformer-relion: cryoFormer heterogeneous reconstruction as a RELION External job.\n\n"
+        "In the RELION GUI: External job, 'External executable' = cryoformer-relion, 'Input particles' = a\n"
+        "particles STAR file (e.g. Refine3D/jobNNN/run_data.star); optional parameters go into the\n"
+        "'Params' tab as label / value pairs (up to 10). 'Running' tab: 'Number of threads' = CPU threads.\n\n"
+        "RELION calls: cryoformer-relion --o External/jobNNN/ --in_parts PARTICLES.star [--LABEL VALUE ...] --j N\n\n"
+        "  label        value (default) meaning\n" + "\n".join(rows) + "\n\n"
+        "poses defaults to 'given' when the particles have rlnAngleRot/Tilt/Psi and to 'predict' otherwise.\n"
+        "Outputs in --o: particles.star (input columns + rlnCryoformerZ1..K + rlnClassNumber), maps,\n"
+        "RELION_OUTPUT_NODES.star. Run again with the same --o (Continue) to resume from the last checkpoint.\n"
+        "Abort: RELION's Abort button (file RELION_JOB_ABORT_NOW) stops at the next step, keeping the checkpoint.\n"
+        "See docs/relion.md."
+    )
+
+
+class _Log:
+    """stdout -> run.out, stderr -> run.err; always flushed (RELION shows them while the job runs)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def out(self, msg: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp}] {msg}", file=sys.stdout, flush=True)
+
+    def err(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+        # the GUI user reads run.out first: point at the error there as well
+        print(f"[{time.strftime('%H:%M:%S')}] ERROR: {msg}", file=sys.stdout, flush=True)
+
+
+def _node_name(path: Path, out_dir: Path, cwd: Path) -> str:
+    """A node name relative to the project directory (RELION's convention)."""
+    p = Path(path)
+    if not p.is_absolute():
+        p = (cwd / p) if (cwd / p).exists() else (cwd / out_dir / p)
+    try:
+        return str(p.resolve().relative_to(cwd.resolve()))
+    except ValueError:
+        return os.path.relpath(p.resolve(), cwd.resolve())
+
+
+def pose_columns(rot, shift_px, pixel_size_A: float, relion_format: str) -> dict:
+    """RELION columns for poses in the engine convention (origins in Å for 3.1+, pixels for 3.0)."""
+    import numpy as np
+
+    from cryoformer.poses import rot_to_relion_euler
+
+    a_rot, a_tilt, a_psi = rot_to_relion_euler(np.asarray(rot))
+    shift = np.asarray(shift_px, dtype=np.float64)
+    cols = {"rlnAngleRot": a_rot, "rlnAngleTilt": a_tilt, "rlnAnglePsi": a_psi}
+    if relion_format == "3.0":
+        cols.update(rlnOriginX=shift[:, 0], rlnOriginY=shift[:, 1])
+    else:
+        cols.update(rlnOriginXAngst=shift[:, 0] * pixel_size_A, rlnOriginYAngst=shift[:, 1] * pixel_size_A)
+    return cols
+
+
+def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
+        should_abort: Callable[[], bool] | None = None) -> str:
+    """The job proper; returns the exit file name to write. Raises on errors."""
+    from cryoformer_ext.star_io import read_particles_star
+
+    cwd = Path.cwd()
+    version = _nodes.detect_version(out_dir)
+    log.out(f"RELION version (from {out_dir / 'job.star'}): "
+            + (version or "unknown (no job.star; writing 3.1 + 4.0 node types)"))
+
+    in_parts = opts.get("in_parts")
+    if not in_parts:
+        raise UsageError("no input particles: set 'Input particles' (--in_parts) to a particles STAR file")
+    for k in ("in_3dref", "in_mask", "in_movies", "in_mics", "in_coords"):
+        if opts.get(k):
+            log.out(f"note: --{k} {opts[k]} is not used by cryoFormer")
+
+    params = {k: v for k, v in opts.items() if k not in PROTOCOL_OPTIONS}
+    unknown = [k for k in params if k.replace("-", "_") not in JobConfig.model_fields]
+    for k in unknown:
+        log.out(f"WARNING: ignoring unknown option --{k} {params[k] or ''} (known parameters: "
+                f"{', '.join(JobConfig.model_fields)})")
+        params.pop(k)
+    if "j" in opts and "threads" not in params and opts["j"]:
+        params["threads"] = opts["j"]
+    config = JobConfig.from_strings(params, source="External job parameters")
+
+    log.out(f"reading particles {in_parts} (image paths relative to {cwd})")
+    star = read_particles_star(in_parts, root=cwd, check_images=True)
+    rec = star.record
+    log.out(f"{rec.n_particles} particles, box {rec.box}, {rec.pixel_size_A:.4f} Å/px, RELION {rec.relion_format}"
+            f" STAR{'' if rec.version is None else f' (version {rec.version})'}, "
+            f"{len(rec.optics_groups)} optics group(s), {len(rec.stack_files)} stack file(s), "
+            f"poses: {'yes' if rec.has_poses else 'no'}, CTF: {'yes' if rec.has_ctf else 'no'}")
+    for w in rec.warnings:
+        log.out(f"note: {w}")
+    if not rec.has_poses:
+        if "poses" in params and config.poses != "predict":
+            raise JobConfigError(f"poses = {config.poses} needs particle orientations, but {in_parts} has no "
+                                 "rlnAngleRot/rlnAngleTilt/rlnAnglePsi; use poses = predict")
+        if config.poses != "predict":
+            log.out("the particles have no orientations: poses = predict")
+            config.poses = "predict"
+    log.out("settings: " + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()))
+
+    from cryoformer_ext.job import JobAborted, run_job
+
+    abort = should_abort or (lambda: _nodes.abort_requested(out_dir))
+    try:
+        result = run_job(star.data, config, out_dir, log=log.out, should_abort=abort)
+    except JobAborted:
+        log.out("aborted on request (RELION_JOB_ABORT_NOW); the last checkpoint is kept: "
+                "run again with the same output directory (Continue) to resume")
+        return _nodes.EXIT_ABORTED
+
+    latents = getattr(result, "latents", None)
+    labels = getattr(result, "labels", None)
+    if latents is not None and getattr(latents, "size", 1) == 0:
+        latents = None
+    extra = {}
+    predicted = getattr(result, "predicted_poses", None)
+    if predicted is not None and not rec.has_poses:
+        extra = pose_columns(predicted[0], predicted[1], rec.pixel_size_A, rec.relion_format)
+        log.out("the particles had no orientations: writing the predicted ones (rlnAngleRot/Tilt/Psi, origins)")
+    elif predicted is not None:
+        log.out("the input orientations are kept in particles.star; the refined ones are in predicted_poses.npz")
+    part_path = star.write(out_dir / PARTICLES_OUT, latents=latents, labels=labels, extra=extra)
+    log.out(f"wrote {part_path}" + ("" if latents is None else f" with rlnCryoformerZ1..{latents.shape[1]}")
+            + ("" if labels is None else " and rlnClassNumber (k-means class, 1-based)"))
+
+    node_list = [(_node_name(part_path, out_dir, cwd), "particles")]
+    for m in result.maps:
+        if m.kind in MAP_NODE_KINDS:
+            node_list.append((_node_name(Path(m.path), out_dir, cwd), "map"))
+    _nodes.write_output_nodes(out_dir, node_list, version)
+    log.out(f"output nodes: {len(node_list)} ({sum(1 for _, k in node_list if k == 'map')} maps, "
+            f"{result.map_pixel_size_A:.4f} Å/voxel)")
+    return _nodes.EXIT_SUCCESS
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help", "-help") for a in argv):
+        print(help_text())
+        return 0
+    opts, stray = parse_argv(argv)
+    log = _Log()
+    out = opts.get("o")
+    if not out:
+        log.err("cryoformer-relion: --o <output directory> is required (RELION passes it); see --help")
+        return 2
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.err(f"cannot create the output directory {out_dir}: {err}")
+        return 2
+    removed = _nodes.clear_exit_files(out_dir)
+    log.out("cryoformer-relion " + " ".join(argv))
+    if removed:
+        log.out(f"continuing in {out_dir} (removed old {', '.join(removed)})")
+    if stray:
+        log.out(f"WARNING: ignoring stray arguments {' '.join(stray)}")
+    if "pipeline_control" in opts:
+        log.out("note: --pipeline_control is ignored (exit files are always written to --o)")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        previous = None
+    try:
+        return _main_guarded(opts, out_dir, log)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_guarded(opts: dict[str, str | None], out_dir: Path, log: _Log) -> int:
+    try:
+        status = run(opts, out_dir, log)
+    except (KeyboardInterrupt, Terminated) as err:
+        log.err("terminated by a signal" if isinstance(err, Terminated) else "interrupted")
+        _nodes.write_exit(out_dir, _nodes.EXIT_ABORTED)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure must end in RELION_JOB_EXIT_FAILURE
+        expected = _expected_error(err)
+        if not expected:
+            traceback.print_exc(file=sys.stderr)
+        log.err(f"{type(err).__name__}: {err}" if not expected else str(err))
+        _nodes.write_exit(out_dir, _nodes.EXIT_FAILURE)
+        return 1
+    _nodes.write_exit(out_dir, status)
+    log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
+    return 0 if status == _nodes.EXIT_SUCCESS else 3
+
+
+def _expected_error(err: Exception) -> bool:
+    from cryoformer_ext.imagestack import ImageStackError
+    from cryoformer_ext.star_io import StarFileError
+
+    return isinstance(err, (StarFileError, JobConfigError, UsageError, ImageStackError))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
