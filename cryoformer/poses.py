@@ -69,9 +69,11 @@ def rot_to_relion_euler(rot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     regular = np.abs(sb) > 1e-6
     rot_a = np.where(regular, np.arctan2(m[..., 2, 1], m[..., 2, 0]), 0.0)
     psi = np.where(regular, np.arctan2(m[..., 1, 2], -m[..., 0, 2]), 0.0)
-    # gimbal lock: A = Rz(psi + rot) (tilt 0) or a flip; put everything into rot, psi = 0
-    gl_rot = np.arctan2(m[..., 0, 1], m[..., 0, 0]) * np.where(m[..., 2, 2] > 0, 1.0, -1.0)
-    rot_a = np.where(regular, rot_a, np.where(m[..., 2, 2] > 0, gl_rot, -gl_rot))
+    # gimbal lock (tilt 0 or 180): only rot +/- psi is defined; put it all into rot, psi = 0.
+    # tilt 0: A = Rz(rot) -> rot = atan2(A01, A00); tilt 180: A = Ry(180) Rz(rot) -> atan2(-A01, -A00)
+    sign = np.where(m[..., 2, 2] > 0, 1.0, -1.0)
+    gl_rot = np.arctan2(sign * m[..., 0, 1], sign * m[..., 0, 0])
+    rot_a = np.where(regular, rot_a, gl_rot)
     return np.rad2deg(rot_a), np.rad2deg(tilt), np.rad2deg(psi)
 
 
