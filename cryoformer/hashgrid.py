@@ -65,6 +65,7 @@ _MASK32 = 0xFFFFFFFF
 _PRIMES = (1, 2654435761, 805459861)
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
+_CACHE_BYTES = 256 << 20  # corner indices + weights kept for the backward up to this size
 
 
 def _next_multiple(v: int, m: int) -> int:
@@ -166,8 +167,14 @@ class _HashGridFunction(torch.autograd.Function):
             xt = _positions_t(x, fma_emulation)
             cpu = _cpu_fast_paths(x)
             out = torch.empty(P, len(levels) * F, device=x.device, dtype=torch.float32)
+            # Keep (idx, w) for the backward when they are small: recomputing them is about a quarter of
+            # the forward+backward time on CPU; past the budget, memory matters more than that.
+            keep = params.requires_grad and P * len(levels) * 8 * 12 <= _CACHE_BYTES
+            cache = []
             for lv in levels:
                 idx, w = _level_corners(xt, lv)
+                if keep:
+                    cache.append((idx.to(torch.int32), w))
                 tab = table.narrow(0, lv["offset"], lv["size"])
                 vals = _gather_rows(tab, idx.view(-1)).view(8, P, F)
                 l = lv["level"]
@@ -178,6 +185,7 @@ class _HashGridFunction(torch.autograd.Function):
                 out[:, l * F : (l + 1) * F] = o
         ctx.save_for_backward(x)
         ctx.levels, ctx.n_features, ctx.fma = levels, n_features, fma_emulation
+        ctx.cache = cache if keep else None
         ctx.params_shape, ctx.params_dtype = params.shape, params.dtype
         return out
 
@@ -193,10 +201,12 @@ class _HashGridFunction(torch.autograd.Function):
             gtab = torch.zeros(total, F, device=x.device, dtype=torch.float32)
             P = x.shape[0]
             cpu = _cpu_fast_paths(x)
-            xt = _positions_t(x, ctx.fma)
+            cache = ctx.cache
+            ctx.cache = None
+            xt = None if cache is not None else _positions_t(x, ctx.fma)
             for lv in ctx.levels:
-                # Recomputed rather than saved: 16 levels x (8, P) int64 would dominate memory.
-                idx, w = _level_corners(xt, lv)
+                # Recomputed unless cached: 16 levels x (8, P) indices would dominate memory at large P.
+                idx, w = cache[lv["level"]] if cache is not None else _level_corners(xt, lv)
                 l = lv["level"]
                 g = grad_out[:, l * F : (l + 1) * F]  # (P, F)
                 gl = gtab.narrow(0, lv["offset"], lv["size"])

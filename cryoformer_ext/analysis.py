@@ -518,8 +518,12 @@ def _report(s: dict[str, Any]) -> str:
     a = s["analysis_settings"]
     L.append(f"settings: k={a['k']} pcs={a['n_pcs']} pc_steps={a['pc_steps']} seed={a['seed']} "
              f"flexibility samples={a['n_flex']}")
-    if s["job_settings"]:
-        L.append("job: " + " ".join(f"{k}={v}" for k, v in s["job_settings"].items()))
+    plain = {k: v for k, v in s["job_settings"].items() if not isinstance(v, dict)}
+    if plain:
+        L.append("job: " + " ".join(f"{k}={v}" for k, v in plain.items()))
+    for key, sub in s["job_settings"].items():
+        if isinstance(sub, dict):
+            L.append(f"{key}: " + " ".join(f"{k}={v}" for k, v in sub.items() if not isinstance(v, (dict, list))))
     L.append("")
     c = s["consensus"]
     L.append(f"consensus.mrc: {c['latent_choice']}" + (f" (particle {c['particle']})" if c["particle"] is not None else ""))

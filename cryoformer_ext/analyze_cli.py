@@ -130,7 +130,8 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
     out_dir = Path(out) if out is not None else default_out_dir(job_dir)
     return analyze(latents, gen, out_dir, k=pick(k, "kmeans", 10), n_pcs=pick(pcs, "pcs", 2),
                    pc_steps=pick(pc_steps, "pc_steps", 10), seed=pick(seed, "seed", 0),
-                   map_box=pick(map_box, "map_box", None), loss_history=loss, settings=cfg, log=log,
+                   map_box=pick(map_box, "map_box", None), loss_history=loss,
+                   settings={"job": cfg, "reanalysis_of": str(job_dir.resolve())}, log=log,
                    n_flex=flex_samples)
 
 

@@ -242,9 +242,8 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
     pcols = particles.columns
     if fmt == "3.1":
         octx = _Ctx(path, first_lines.get("optics"))
-        for col in ("rlnOpticsGroup",):
-            if col not in optics.columns:
-                raise StarFileError(f"{path}: data_optics has no {col} column")
+        if "rlnOpticsGroup" not in optics.columns:
+            raise StarFileError(f"{path}: data_optics has no rlnOpticsGroup column")
         if "rlnOpticsGroup" not in pcols:
             if len(optics) != 1:
                 raise StarFileError(f"{path}: data_particles has no rlnOpticsGroup column but data_optics "
@@ -287,11 +286,13 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
         pixel = infos[0].pixel_size_A
         box = infos[0].box
         grp_rows = np.array([row_of_group[int(k)] for k in group_of], dtype=np.int64)
-        for col, what in (("rlnCtfDataAreCtfPremultiplied", "CTF-premultiplied images"),):
-            if col in optics.columns and (pd.to_numeric(optics[col], errors="coerce").iloc[
-                    [row_of_group[k] for k in used]] == 1).any():
-                raise StarFileError(f"{path}: data_optics says {col} = 1; cryoFormer needs images that are not "
-                                    "CTF-premultiplied (re-extract without premultiplication)")
+        col = "rlnCtfDataAreCtfPremultiplied"
+        if col in optics.columns:
+            flags = pd.to_numeric(optics[col], errors="coerce").iloc[[row_of_group[k] for k in used]]
+            if (flags == 1).any():
+                bad = [k for k, f in zip(used, flags) if f == 1]
+                raise StarFileError(f"{path}: optics group(s) {', '.join(map(str, bad))} have {col} = 1; cryoFormer "
+                                    "needs images that are not CTF-premultiplied (re-extract without premultiplication)")
         for col, what in (("rlnBeamTiltX", "beam tilt"), ("rlnOddZernike", "odd Zernike (anisotropic) aberrations"),
                           ("rlnEvenZernike", "even Zernike aberrations"), ("rlnMagMat00", "anisotropic magnification")):
             if col in optics.columns:

@@ -311,7 +311,7 @@ def test_cli_rerun_reproduces_kmeans_labels(tmp_path, monkeypatch, capsys):
     rerun = json.loads((job / "analysis" / "summary.json").read_text())
     assert rerun["analysis_settings"]["k"] == 5 and rerun["analysis_settings"]["seed"] == 7
     assert np.array_equal(np.loadtxt(job / "analysis" / "kmeans_labels.txt", dtype=int), first.labels_array())
-    assert rerun["loss_history"] == [3.0, 2.0, 1.0] and rerun["job_settings"] == cfg
+    assert rerun["loss_history"] == [3.0, 2.0, 1.0] and rerun["job_settings"]["job"] == cfg
 
     # other k into another folder; then a rerun with fewer classes removes the stale class maps
     assert analyze_cli.run(_cli_args(["analyze", str(job), "--k", "3", "--pc", "2", "--out", str(tmp_path / "k3"),

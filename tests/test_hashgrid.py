@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import cryoformer.hashgrid as hashgrid_module
 from cryoformer.hashgrid import HashGrid
 
 U32 = 0xFFFFFFFF
@@ -208,8 +209,11 @@ def test_fp32_positions_within_stated_tolerance():
     assert np.abs(got - want).max() <= 3e-3
 
 
-def test_custom_backward_matches_autograd_gather():
-    """index_add_ backward == autograd through a naive gather built from the reference corners."""
+@pytest.mark.parametrize("cache_bytes", [256 << 20, 0], ids=["cached-corners", "recomputed-corners"])
+def test_custom_backward_matches_autograd_gather(monkeypatch, cache_bytes):
+    """index_add_ backward == autograd through a naive gather built from the reference corners, both
+    when the forward keeps the corner indices for the backward and when the backward recomputes them."""
+    monkeypatch.setattr(hashgrid_module, "_CACHE_BYTES", cache_bytes)
     cfg = dict(n_levels=4, n_features=2, log2_table_size=9, base_resolution=4, per_level_scale=2.0)
     enc = HashGrid(backend="torch", **cfg)
     gen = torch.Generator().manual_seed(4)

@@ -11,7 +11,6 @@ surviving our particles.star, ``relion_image_handler --stats`` for the map pixel
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

@@ -102,6 +102,7 @@ def test_relion31_block_order_does_not_matter():
     np.testing.assert_array_equal(a.ctf.take(np.arange(5)), b.ctf.take(np.arange(5)))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # relion31.mrcs has a non-standard MRC header
 def test_relion31_images_are_one_based():
     ps = read_particles_star(DRGN / "relion31.star", root=DRGN, check_images=True)
     with mrcfile.open(DRGN / "relion31.mrcs", permissive=True) as m:
@@ -347,3 +348,18 @@ def test_simulated_star_round_trip(tmp_path):
     back = read_particles_star(p, root=tmp_path, check_images=False)
     np.testing.assert_allclose(back.data.ctf.take(np.arange(n)), ctf.take(np.arange(n)), rtol=1e-6)
     assert np.all(back.data.ctf.amp_contrast == 0.07)
+
+
+def test_premultiplied_particles_are_refused(tmp_path):
+    p = _edit(tmp_path, "            2            0     0.043489", "            2            1     0.043489",
+              src="relion5.star")
+    with pytest.raises(StarFileError, match=r"edited\.star: optics group\(s\) 1 have rlnCtfDataAreCtfPremultiplied"):
+        read_particles_star(p, check_images=False)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_image_number_beyond_stack(tmp_path):
+    p = _edit(tmp_path, "000005@relion31.mrcs", "000006@relion31.mrcs")
+    with pytest.raises(StarFileError, match=r"edited\.star: .*relion31\.mrcs: particle refers to image 6 \(1-based\) "
+                                            r"but the stack holds 5"):
+        read_particles_star(p, root=DRGN, check_images=True)
