@@ -15,10 +15,21 @@ from .poses import six_d_to_rot
 
 
 def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    """ReLU MLP with He (Kaiming) initialisation.
+
+    PyTorch's default Linear initialisation shrinks the signal by about sqrt(3) per ReLU layer: after
+    the paper's 10 hidden layers every image produced the same encoder output (spread 3e-5, measured),
+    the latent carried only sampling noise and the decoder learned to ignore it. He initialisation
+    keeps the activations at unit scale through the depth.
+    """
     mods: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]
     for _ in range(layers - 1):
         mods += [nn.Linear(hidden, hidden), nn.ReLU()]
     mods.append(nn.Linear(hidden, out_dim))
+    for m in mods:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if m is not mods[-1] else "linear")
+            nn.init.zeros_(m.bias)
     return nn.Sequential(*mods)
 
 
@@ -45,6 +56,8 @@ class DeformationEncoder(nn.Module):
         super().__init__()
         self.zdim = zdim
         self.body = MaskedImageMLP(box, hidden, layers, 2 * zdim)
+        with torch.no_grad():  # start with little sampling noise so z carries the image's signal
+            self.body.net[-1].bias[zdim:].fill_(-4.0)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.body(images)

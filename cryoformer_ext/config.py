@@ -31,6 +31,7 @@ class JobConfig(BaseModel):
     channels: int = Field(64, ge=4, description="token width C")
     enc_layers: int = Field(10, ge=1, description="hidden layers of the image encoders")
     enc_dim: int = Field(128, ge=8, description="width of the image encoders")
+    hash_scale: float | None = Field(None, ge=1.0, description="hash-grid per-level scale (default: finest level = training box; 1.5 = paper/tcnn config)")
     kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")
     pc_steps: int = Field(10, ge=2, description="maps per principal-component series")

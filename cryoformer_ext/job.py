@@ -74,7 +74,8 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
     return ModelConfig(
         box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,
         channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
-        enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale)
+        enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
+        hash_scale=config.hash_scale)
 
 
 def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *,
