@@ -99,12 +99,18 @@ class SpatialDensityHead(nn.Module):
         if mode == "point":
             self.k = nn.Linear(dim, dim)
             self.v = nn.Linear(dim, dim)
+            # QK-norm with a learned temperature: the hash features start at 1e-4, so without it q(x)
+            # is nearly the same for every point and the softmax over tokens stays uniform (measured
+            # entropy ln(N) after training), which leaves no way to tie a region of space to a token.
+            self.q_norm = nn.LayerNorm(dim)
+            self.k_norm = nn.LayerNorm(dim)
+            self.log_temp = nn.Parameter(torch.tensor(math.log(4.0)))
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
     def keys_values(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image keys and values (computed once per image, shared by all its points)."""
         if self.mode == "point":
-            return self.k(t), self.v(t)
+            return self.k_norm(self.k(t)), self.v(t)
         return t, t
 
     def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
@@ -113,7 +119,8 @@ class SpatialDensityHead(nn.Module):
         keys, values = kv
         if self.mode == "point":
             q = self.spatial(feats)                                       # (B, P, C)
-            logits = torch.bmm(q, keys.transpose(1, 2)) / math.sqrt(self.dim)
+            qn = self.q_norm(q) * (self.log_temp.exp() / math.sqrt(self.dim))
+            logits = torch.bmm(qn, keys.transpose(1, 2))
             a = torch.softmax(logits.float(), dim=-1).to(q.dtype)         # (B, P, N)
             o = torch.bmm(a, values)                                      # (B, P, C)
             dens = self.ffn(o + q).squeeze(-1)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .data import ParticleData
+from .distributed import current as _dist_current
 from .model import CryoFormer, ModelConfig
 from .train import CHECKPOINT_NAME, BatchReader, load_checkpoint
 
@@ -60,11 +61,20 @@ class Reconstruction:
         return self.train_pixel_size_A * self.train_box / (box or self.train_box)
 
     @torch.no_grad()
-    def encode(self, data: ParticleData, batch_size: int = 64, indices: np.ndarray | None = None) -> np.ndarray:
-        """Posterior-mean latents (N, zdim) for the particles, in input order."""
+    def encode(self, data: ParticleData, batch_size: int = 64, indices: np.ndarray | None = None,
+               distributed: bool | None = None) -> np.ndarray:
+        """Posterior-mean latents (N, zdim) for the particles, in input order.
+
+        In a ``torch.distributed`` group of several ranks (``distributed`` None = when there is one),
+        every rank must call this: each encodes a contiguous shard and all get the gathered result.
+        """
         idx_all = np.arange(len(data)) if indices is None else np.asarray(indices)
         if self.zdim == 0:
             return np.zeros((len(idx_all), 0), np.float32)
+        ctx = _dist_current(self.device) if distributed is not False else None
+        if ctx is not None:
+            part = self.encode(data, batch_size, idx_all[ctx.shard(len(idx_all))], distributed=False)
+            return ctx.gather_rows(part, len(idx_all))
         reader = BatchReader(data, self.train_box)
         out = np.empty((len(idx_all), self.zdim), np.float32)
         cfg = self.model.cfg
@@ -72,10 +82,10 @@ class Reconstruction:
             b = reader(idx_all[s:s + batch_size])
             x = b["images"].to(self.device) / cfg.data_scale
             if cfg.pose_mode == "given":
-                shift = b["shift"].to(self.device)
-            else:  # the encoder saw images centred with the predicted shift during training
-                _, shift = self.model.orient_encoder(x)
-            mu, _ = self.model.encode(x, shift)
+                rot, shift = b["rot"].to(self.device), b["shift"].to(self.device)
+            else:  # the encoder saw images centred (and derotated) with the predicted pose in training
+                rot, shift = self.model.orient_encoder(x)
+            mu, _ = self.model.encode(x, shift, rot)
             out[s:s + len(mu)] = mu.float().cpu().numpy()
         return out
 
@@ -98,15 +108,25 @@ class Reconstruction:
         return att.cpu().numpy()
 
     @torch.no_grad()
-    def predict_poses(self, data: ParticleData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
-        """Orientation-encoder poses (rot, shift_px in the input box's pixels), when it was trained."""
+    def predict_poses(self, data: ParticleData, batch_size: int = 64,
+                      distributed: bool | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Orientation-encoder poses (rot, shift_px in the input box's pixels), when it was trained.
+
+        Sharded over the ranks of a ``torch.distributed`` group like :meth:`encode`."""
         if self.model.cfg.pose_mode == "given":
             return None
         reader = BatchReader(data, self.train_box)
+        ctx = _dist_current(self.device) if distributed is not False else None
+        lo, hi = (0, len(data)) if ctx is None else (ctx.shard(len(data)).start, ctx.shard(len(data)).stop)
         rots, shifts = [], []
-        for s in range(0, len(data), batch_size):
-            b = reader(np.arange(s, min(s + batch_size, len(data))))
+        if ctx is not None:  # a rank may have an empty shard
+            rots, shifts = [np.zeros((0, 3, 3), np.float32)], [np.zeros((0, 2), np.float32)]
+        for s in range(lo, hi, batch_size):
+            b = reader(np.arange(s, min(s + batch_size, hi)))
             r, t = self.model.orient_encoder(b["images"].to(self.device) / self.model.cfg.data_scale)
             rots.append(r.cpu().numpy())
             shifts.append(t.cpu().numpy() / reader.scale)
+        if ctx is not None:
+            rot = ctx.gather_rows(np.concatenate(rots).reshape(-1, 9), len(data)).reshape(-1, 3, 3)
+            return rot, ctx.gather_rows(np.concatenate(shifts), len(data))
         return np.concatenate(rots), np.concatenate(shifts)

@@ -88,3 +88,21 @@ def fourier_crop(images: np.ndarray | torch.Tensor, new_box: int) -> torch.Tenso
     f = f[..., lo:lo + new_box, lo:lo + new_box]
     out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
     return out * (new_box / box) ** 3
+
+
+def rotate_images(images: torch.Tensor, angle_rad: torch.Tensor) -> torch.Tensor:
+    """Images (B, D, D) resampled at ``R(angle) q`` for each output pixel ``q`` (bilinear, about D//2).
+
+    ``R(a) = [[cos a, sin a], [-sin a, cos a]]`` acting on (x, y): RELION's in-plane rotation, so that
+    an image recorded with in-plane angle psi becomes the image of the same view with psi = 0.
+    """
+    b, d = images.shape[0], images.shape[-1]
+    c = centered_coords(d, device=images.device, dtype=images.dtype)
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    ca, sa = torch.cos(angle_rad).view(-1, 1, 1), torch.sin(angle_rad).view(-1, 1, 1)
+    px = ca * x + sa * y
+    py = -sa * x + ca * y
+    grid = torch.stack([px, py], dim=-1)
+    grid = (grid + d // 2) / (d - 1) * 2.0 - 1.0
+    return torch.nn.functional.grid_sample(images.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=True).squeeze(1)

@@ -44,6 +44,7 @@ class ModelConfig(BaseModel):
         None, description="per-level scale; None = finest level at the training box (1.5 = tcnn sample config)")
     spatial_hidden: int = 16
     pose_mode: Literal["given", "refine", "predict"] = "given"
+    pose_aware_encoder: bool = Field(True, description="deformation encoder sees in-plane-derotated images and the view")
     chunk_points: int = 1 << 18
     data_scale: float = 1.0
 
@@ -74,7 +75,7 @@ class CryoFormer(nn.Module):
                                        cfg.spatial_hidden)
         self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values)
         if cfg.zdim > 0:
-            self.def_encoder = DeformationEncoder(d, cfg.zdim, cfg.enc_dim, cfg.enc_layers)
+            self.def_encoder = DeformationEncoder(d, cfg.zdim, cfg.enc_dim, cfg.enc_layers, cfg.pose_aware_encoder)
             self.token_head = nn.Linear(cfg.zdim, cfg.tokens * cfg.channels)
         if cfg.pose_mode != "given":
             self.orient_encoder = OrientationEncoder(d, cfg.enc_dim, cfg.enc_layers)
@@ -83,12 +84,15 @@ class CryoFormer(nn.Module):
         self.register_buffer("pixels", pix, persistent=False)
 
     # ---------------------------------------------------------------- conformation
-    def encode(self, images: torch.Tensor, shift_px: torch.Tensor | None = None):
-        """Normalised recorded images -> (mu, logvar) of the latent; images are centred first."""
+    def encode(self, images: torch.Tensor, shift_px: torch.Tensor | None = None, rot: torch.Tensor | None = None):
+        """Normalised recorded images -> (mu, logvar) of the latent; images are centred first.
+
+        In 'refine'/'predict' pose modes the pose is the orientation encoder's (detached: the latent
+        must not pull the poses)."""
         if self.cfg.zdim == 0:
             return None, None
         x = translate_images(images, shift_px) if shift_px is not None else images
-        return self.def_encoder(x)
+        return self.def_encoder(x, None if rot is None else rot.detach())
 
     def tokens_from_latent(self, z: torch.Tensor | None, batch: int) -> torch.Tensor:
         f_d = None
@@ -137,7 +141,7 @@ class CryoFormer(nn.Module):
             rot, shift_px = rot_pred, shift_pred
         if rot is None:
             raise ValueError("poses are required when pose_mode is 'given'")
-        mu, logvar = self.encode(x, shift_px)
+        mu, logvar = self.encode(x, shift_px, rot)
         z = None
         if mu is not None:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu

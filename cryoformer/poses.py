@@ -151,6 +151,21 @@ def six_d_to_rot(v: torch.Tensor) -> torch.Tensor:
     return torch.stack([e1, e2, e3], dim=-2)
 
 
+def split_inplane(rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``rot`` = Rz(psi) @ rot0 into the in-plane angle psi (B,) and the view rotation rot0.
+
+    ``rot0`` only depends on the viewing direction (RELION rot and tilt). Where the view is along the
+    z axis (tilt 0 or 180) psi is not defined and is set to 0.
+    """
+    s13, s23 = -rot[..., 0, 2], rot[..., 1, 2]
+    regular = (s13 * s13 + s23 * s23) > 1e-12
+    psi = torch.where(regular, torch.atan2(s23, s13), torch.zeros_like(s13))
+    c, s = torch.cos(psi), torch.sin(psi)
+    zero, one = torch.zeros_like(c), torch.ones_like(c)
+    rz_inv = torch.stack([c, -s, zero, s, c, zero, zero, zero, one], -1).view(*psi.shape, 3, 3)
+    return psi, rz_inv @ rot
+
+
 def rotation_angle_deg(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
     """Geodesic angle between two sets of rotation matrices, in degrees (for pose checks)."""
     rel = np.swapaxes(np.asarray(r1), -1, -2) @ np.asarray(r2)

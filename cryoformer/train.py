@@ -7,6 +7,7 @@ aborted, killed or continued by RELION picks up exactly where the last finished 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import ParticleData
+from .distributed import current as _dist_current
 from .lattice import fourier_crop
 from .model import CryoFormer, ModelConfig
 
@@ -64,8 +66,11 @@ class BatchReader:
         return batch
 
 
-def iterate_batches(reader: BatchReader, order: np.ndarray, batch_size: int, prefetch: int) -> Iterator[dict]:
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def iterate_batches(reader: BatchReader, order: np.ndarray, batch_size: int, prefetch: int,
+                    chunks: list[np.ndarray] | None = None) -> Iterator[dict]:
+    """Minibatches of ``order`` (or the given index ``chunks``, e.g. one rank's share of each batch)."""
+    if chunks is None:
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if prefetch <= 0:
         for c in chunks:
             yield reader(c)
@@ -152,11 +157,19 @@ def _fmt_time(s: float) -> str:
 def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir: Path, *,
           log: Callable[[str], None] = print, should_abort: Callable[[], bool] = lambda: False,
           step_hook: Callable[[int, int], None] | None = None) -> tuple[CryoFormer, list[float]]:
-    """Train (or resume) a model; returns it and the per-epoch mean losses."""
+    """Train (or resume) a model; returns it and the per-epoch mean losses.
+
+    In an initialised ``torch.distributed`` group of several ranks (see :mod:`cryoformer.distributed`),
+    every rank calls this with the same arguments; each trains on its rows of every global batch under
+    DDP, only rank 0 logs and writes the checkpoint, and the result equals a single process's.
+    """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / CHECKPOINT_NAME
     device = torch.device(cfg.device)
+    ctx = _dist_current(device)
+    if ctx is not None and not ctx.is_main:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for the group
     if model_cfg.pose_mode == "given" and not data.has_poses:
         raise ValueError("the particles have no poses: use pose mode 'predict'")
 
@@ -179,6 +192,9 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     if start_epoch >= cfg.epochs:
         log(f"training already finished ({start_epoch} epochs)")
         return model, history
+    # DDP all-reduces gradients; parameters that a config never uses (zdim 0: cross-attention) need
+    # find_unused_parameters
+    net = model if ctx is None else ctx.wrap(model, find_unused_parameters=model_cfg.zdim == 0)
 
     reader = BatchReader(data, model_cfg.box)
     n = len(data)
@@ -187,7 +203,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     use_amp = cfg.amp and device.type == "cuda"
     log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}"
-        + (", bf16 autocast" if use_amp else ""))
+        + (", bf16 autocast" if use_amp else "") + (f", {ctx.world} ranks" if ctx is not None else ""))
     t_start, done_imgs, last_log = time.time(), 0, 0.0
     total_imgs = (cfg.epochs - start_epoch) * n
     model.train()
@@ -195,12 +211,19 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         pose_w = cfg.pose_weight * 0.5 ** epoch
         loss_sum, count, t_epoch = 0.0, 0, time.time()
-        for step, batch in enumerate(iterate_batches(reader, order, cfg.batch_size, cfg.prefetch)):
-            if should_abort():
+        chunks = None
+        if ctx is not None:  # this rank's rows of every global batch (see cryoformer.distributed)
+            global_batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            shares = [ctx.batch_rows(len(c)) for c in global_batches]
+            chunks = [c[rows] for c, (rows, _) in zip(global_batches, shares)]
+        for step, batch in enumerate(iterate_batches(reader, order, cfg.batch_size, cfg.prefetch, chunks)):
+            if should_abort() if ctx is None else ctx.any(should_abort()):
                 raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"))
+            noise = contextlib.nullcontext() if ctx is None else ctx.global_noise(shares[step][0],
+                                                                                 len(global_batches[step]))
+            with noise, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"))
             loss = out["mse"]
             if "kl" in out:
                 loss = loss + kl_w * out["kl"]
@@ -209,12 +232,13 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # a rank's mean x W b_r / B: DDP's gradient average is then the global-batch mean's gradient
+            (loss if ctx is None else loss * shares[step][1]).backward()
             opt.step()
-            bs = b["images"].shape[0]
+            bs = b["images"].shape[0] if ctx is None or shares[step][1] > 0 else 0
             loss_sum += float(out["mse"].detach()) * bs
             count += bs
-            done_imgs += bs
+            done_imgs += bs if ctx is None else len(global_batches[step])
             if step_hook is not None:
                 step_hook(epoch, step)
             now = time.time()
@@ -224,7 +248,12 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
                 eta = (total_imgs - done_imgs) / max(rate, 1e-9)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
                     f"loss {loss_sum / count:.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
+        if ctx is not None:
+            loss_sum, count = ctx.sum(loss_sum, count)
         history.append(loss_sum / max(count, 1))
-        save_checkpoint(path, model, opt, epoch + 1, history, cfg)
+        if ctx is None or ctx.is_main:  # the checkpoint does not depend on the world size
+            save_checkpoint(path, model, opt, epoch + 1, history, cfg)
+        if ctx is not None:
+            ctx.barrier()
         log(f"epoch {epoch + 1} done: mean loss {history[-1]:.5f} in {time.time() - t_epoch:.1f} s; checkpoint saved")
     return model, history

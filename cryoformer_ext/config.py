@@ -36,10 +36,11 @@ class JobConfig(BaseModel):
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")
     pc_steps: int = Field(10, ge=2, description="maps per principal-component series")
     map_box: int | None = Field(None, ge=8, description="box of the output maps (default: the training box)")
-    gpus: str = Field("", description="comma-separated GPU ids; empty = CPU, or the first GPU if any")
+    gpus: str = Field("", description="comma-separated GPU ids; several = one data-parallel worker per GPU (NCCL); empty = CPU, or the first GPU if any")
+    ranks: int | None = Field(None, ge=1, description="data-parallel CPU worker processes (gloo) when 'gpus' is empty (testing, CPU nodes); empty = 1, or one per GPU of 'gpus'")
     seed: int = Field(0, description="random seed (same seed, same result)")
     amp: bool = Field(True, description="mixed precision on GPU")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (with several workers: shared by the workers on one machine)")
 
     @field_validator("train_box", "map_box")
     @classmethod

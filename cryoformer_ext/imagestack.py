@@ -37,6 +37,10 @@ class MrcStackSource:
         if check:
             self.check()
 
+    def __getstate__(self) -> dict:
+        # pickled for data-parallel workers: paths and indices only, each worker maps the stacks itself
+        return {**self.__dict__, "_maps": {}}
+
     def _open(self, k: int) -> np.ndarray:
         arr = self._maps.get(k)
         if arr is None:

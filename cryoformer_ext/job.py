@@ -17,12 +17,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cryoformer.data import ParticleData
+from cryoformer.distributed import current as dist_current
 from cryoformer.infer import Reconstruction
 from cryoformer.model import ModelConfig
 from cryoformer.train import TrainConfig, TrainingAborted, estimate_data_scale, train
 
 from .analysis import AnalysisResult, MapRecord, analyze
 from .config import JobConfig, JobConfigError
+from .launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
 from .outputs import atomic_write_text, save_npy
 
 CHECKPOINT_DIR = "checkpoints"
@@ -79,19 +81,55 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
 
 
 def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *,
-            log: Callable[[str], Any] = print, should_abort: Callable[[], bool] = lambda: False) -> JobResult:
-    """Train (or resume), infer latents, analyse; every output lands in ``out_dir`` atomically."""
+            log: Callable[[str], Any] = print, should_abort: Callable[[], bool] = lambda: False) -> JobResult | None:
+    """Train (or resume), infer latents, analyse; every output lands in ``out_dir`` atomically.
+
+    Data-parallel (``cryoformer_ext.launch``, docs/distributed.md): with several ``gpus`` or ``ranks`` > 1
+    this process starts the workers and returns rank 0's result (:class:`WorkerFailed` when a worker
+    dies); under torchrun (RANK/WORLD_SIZE set) this process is one rank and only rank 0 gets a result
+    (the others return None after their share of training and inference).
+    """
+    plan = job_plan(config)
+    if plan.mode == "spawn":
+        return _run_spawned(data, config, Path(out_dir), plan, log=log, should_abort=should_abort)
+    if plan.mode == "joined":
+        with joined_group(config) as device:
+            return _run_job(data, config, out_dir, device=device, log=log, should_abort=should_abort)
+    return _run_job(data, config, out_dir, log=log, should_abort=should_abort)
+
+
+def _run_spawned(data: ParticleData, config: JobConfig, out_dir: Path, plan: Plan, *,
+                 log: Callable[[str], Any], should_abort: Callable[[], bool]) -> JobResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return spawn(_run_job, (data, config, out_dir), plan, threads=threads_per_rank(config, plan.world),
+                     log=log, should_abort=should_abort)
+    except WorkerFailed as err:
+        if err.kind in ABORT_TYPES:
+            raise JobAborted(str(err)) from None
+        raise WorkerFailed(f"{err}. The checkpoint of the last finished epoch is kept in "
+                           f"{out_dir / CHECKPOINT_DIR}: run the job again to resume", rank=err.rank,
+                           kind=err.kind) from None
+
+
+def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *,
+             device: torch.device | None = None, log: Callable[[str], Any] = print,
+             should_abort: Callable[[], bool] = lambda: False) -> JobResult | None:
+    """One process's job: all of it, or one rank's part in a group (``device`` given, group initialised)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if config.threads:
+    if config.threads and device is None:  # workers: threads_per_rank() was applied by the launcher
         torch.set_num_threads(config.threads)
     if config.poses != "predict" and not data.has_poses:
         raise JobConfigError(f"parameter 'poses' = '{config.poses}', but the particles have no poses "
                              "(use poses = predict)")
-    device = select_device(config)
-    atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
+    device = select_device(config) if device is None else device
+    ctx = dist_current(device)
+    main = ctx is None or ctx.is_main  # rank 0 (or the only process) writes every output
+    if main:
+        atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
     scale = estimate_data_scale(data, training_box(config, data.box), seed=config.seed)
     model_cfg = model_config_for(data, config, scale)
     train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
@@ -102,15 +140,18 @@ def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *
     except TrainingAborted as err:
         raise JobAborted(str(err)) from None
     timings["train"] = time.perf_counter() - t0
-    atomic_write_text(out_dir / LOSS_FILE, json.dumps(history))
-    if should_abort():
+    if main:
+        atomic_write_text(out_dir / LOSS_FILE, json.dumps(history))
+    if should_abort() if ctx is None else ctx.any(should_abort()):
         raise JobAborted("aborted after training; the final checkpoint is kept")
 
     t1 = time.perf_counter()
     rec = Reconstruction(model, history, config.epochs)
-    latents = rec.encode(data)
-    latents_file = save_npy(out_dir / LATENTS_FILE, latents)
+    latents = rec.encode(data)  # in a group: each rank encodes its shard, gathered in input order
+    latents_file = save_npy(out_dir / LATENTS_FILE, latents) if main else None
     poses = rec.predict_poses(data)
+    if not main:
+        return None
     if poses is not None:
         with open(out_dir / ".predicted_poses.npz.tmp", "wb") as fh:
             np.savez(fh, rot=poses[0], shift_px=poses[1])
