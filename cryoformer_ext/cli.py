@@ -42,6 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _log(f"read {star.record.n_particles} particles from {args.particles} (box {star.data.box}, "
          f"{star.data.pixel_size_A:.3f} A/px, poses {'given' if star.data.has_poses else 'absent'})")
     result = run_job(star.data, cfg, args.out, log=_log)
+    if result is None:  # rank > 0 under torchrun: rank 0 writes the outputs
+        return 0
     out = star.write(Path(args.out) / "particles.star", latents=result.latents, labels=result.labels)
     _log(f"wrote {out}, {len(result.maps)} maps, summary {result.summary_file}")
     return 0
@@ -62,8 +64,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), n=args.n, box=args.box, snr=args.snr, seed=args.seed,
-                       overrides=_job_config(args, DEMO_DEFAULTS), log=_log)
+    cfg = _job_config(args, DEMO_DEFAULTS)
+    summary = run_demo(Path(args.out), n=args.n, box=args.box, snr=args.snr, seed=cfg.seed, overrides=cfg, log=_log)
     return 0 if summary["ok"] else 1
 
 
@@ -93,10 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="simulate a small heterogeneous dataset and reconstruct it end to end")
     d.add_argument("--out", type=Path, default=Path("demo_out"))
-    d.add_argument("--n", type=int, default=1000, help="particles")
+    d.add_argument("--n", type=int, default=1500, help="particles")
     d.add_argument("--box", type=int, default=24)
     d.add_argument("--snr", type=float, default=1.0)
-    d.add_argument("--seed", type=int, default=0)
     _add_job_options(d, DEMO_DEFAULTS)
     d.set_defaults(func=cmd_demo)
 

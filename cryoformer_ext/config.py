@@ -23,7 +23,7 @@ class JobConfig(BaseModel):
     zdim: int = Field(8, ge=0, description="latent dimensions (0 = homogeneous reconstruction)")
     train_box: int | None = Field(None, ge=16, description="Fourier-crop images to this box for training (even; default: 64 or the input box if smaller)")
     batch_size: int = Field(8, ge=1, description="images per training step")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: float = Field(3e-4, gt=0, description="Adam learning rate (hash tables 10x)")
     poses: Literal["given", "refine", "predict"] = Field(
         "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
     attention: Literal["point", "literal"] = Field("point", description="spatial attention form (literal: small boxes / ablations)")

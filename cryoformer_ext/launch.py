@@ -22,6 +22,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -174,14 +175,14 @@ def _entry(rank: int, world: int, port: int, gpu: str | None, threads: int, fn: 
             traceback.print_exc()
         q.put(("error", rank, (kind, str(err))))
         code = 1
-    finally:
-        if tdist.is_initialized():
-            with contextlib.suppress(Exception):
-                tdist.destroy_process_group()
-    if code:
-        q.close()
-        q.join_thread()  # the error report must reach the launcher before os._exit
-        os._exit(code)  # skip interpreter teardown that can block on a dead peer's sockets
+    # No process-group teardown and no interpreter teardown: with a peer gone (or finishing at another
+    # time) they can block or call std::terminate. Flush what the launcher must get, then leave.
+    q.close()
+    q.join_thread()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)  # skip interpreter teardown that can block on a dead peer's sockets
 
 
 def _signal_name(code: int) -> str:
@@ -277,7 +278,8 @@ def _failure(procs, codes: list[int | None], errors: list[tuple[int, str, str]],
     n = plan.world
     aborts = [e for e in errors if e[1] in ABORT_TYPES]
     real = [e for e in errors if e[1] not in ABORT_TYPES]
-    signalled = [(r, procs[r].pid, c) for r, c in enumerate(codes) if c is not None and c < 0]
+    reported = {e[0] for e in errors}  # a rank that reported its error first died of that error
+    signalled = [(r, procs[r].pid, c) for r, c in enumerate(codes) if c is not None and c < 0 and r not in reported]
     if signalled:  # a peer's death shows up on the others as communication errors: name the death first
         r, pid, c = signalled[0]
         also = f" (rank {errors[0][0]} then reported {errors[0][1]}: {errors[0][2][:200]})" if errors else ""

@@ -101,14 +101,21 @@ def help_text() -> str:
 class _Log:
     """stdout -> run.out, stderr -> run.err; always flushed (RELION shows them while the job runs)."""
 
+    worker_rank: int | None = None  # set for ranks > 0 of a torchrun group: they only report errors
+
     def __init__(self) -> None:
         self.t0 = time.monotonic()
 
     def out(self, msg: str) -> None:
+        if self.worker_rank is not None:
+            return
         stamp = time.strftime("%H:%M:%S")
         print(f"[{stamp}] {msg}", file=sys.stdout, flush=True)
 
     def err(self, msg: str) -> None:
+        if self.worker_rank is not None:
+            print(f"[rank {self.worker_rank}] {msg}", file=sys.stderr, flush=True)
+            return
         print(msg, file=sys.stderr, flush=True)
         # the GUI user reads run.out first: point at the error there as well
         print(f"[{time.strftime('%H:%M:%S')}] ERROR: {msg}", file=sys.stdout, flush=True)
@@ -142,8 +149,8 @@ def pose_columns(rot, shift_px, pixel_size_A: float, relion_format: str) -> dict
 
 
 def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
-        should_abort: Callable[[], bool] | None = None) -> str:
-    """The job proper; returns the exit file name to write. Raises on errors."""
+        should_abort: Callable[[], bool] | None = None) -> str | None:
+    """The job proper; returns the exit file name to write (None: a torchrun rank > 0). Raises on errors."""
     from cryoformer_ext.star_io import read_particles_star
 
     cwd = Path.cwd()
@@ -191,6 +198,8 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     abort = should_abort or (lambda: _nodes.abort_requested(out_dir))
     try:
         result = run_job(star.data, config, out_dir, log=log.out, should_abort=abort)
+        if result is None:  # a rank > 0 under torchrun: rank 0 writes the outputs and the exit file
+            return None
     except JobAborted:
         log.out("aborted on request (RELION_JOB_ABORT_NOW); the last checkpoint is kept: "
                 "run again with the same output directory (Continue) to resume")
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     opts, stray = parse_argv(argv)
     log = _Log()
+    log.worker_rank = _torchrun_worker_rank()
     out = opts.get("o")
     if not out:
         log.err("cryoformer-relion: --o <output directory> is required (RELION passes it); see --help")
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         log.err(f"cannot create the output directory {out_dir}: {err}")
         return 2
-    removed = _nodes.clear_exit_files(out_dir)
+    removed = _nodes.clear_exit_files(out_dir) if log.worker_rank is None else []
     log.out("cryoformer-relion " + " ".join(argv))
     if removed:
         log.out(f"continuing in {out_dir} (removed old {', '.join(removed)})")
@@ -258,20 +268,34 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _torchrun_worker_rank() -> int | None:
+    """The rank of this process when torchrun started it as rank > 0 of several (see docs/distributed.md)."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return rank if world > 1 and rank > 0 else None
+
+
 def _main_guarded(opts: dict[str, str | None], out_dir: Path, log: _Log) -> int:
+    writes_exit = log.worker_rank is None  # in a torchrun group only rank 0 writes the exit file
     try:
         status = run(opts, out_dir, log)
     except (KeyboardInterrupt, Terminated) as err:
         log.err("terminated by a signal" if isinstance(err, Terminated) else "interrupted")
-        _nodes.write_exit(out_dir, _nodes.EXIT_ABORTED)
+        if writes_exit:
+            _nodes.write_exit(out_dir, _nodes.EXIT_ABORTED)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure must end in RELION_JOB_EXIT_FAILURE
         expected = _expected_error(err)
         if not expected:
             traceback.print_exc(file=sys.stderr)
         log.err(f"{type(err).__name__}: {err}" if not expected else str(err))
-        _nodes.write_exit(out_dir, _nodes.EXIT_FAILURE)
+        if writes_exit:
+            _nodes.write_exit(out_dir, _nodes.EXIT_FAILURE)
         return 1
+    if status is None:  # torchrun rank > 0: done with its share
+        return 0
     _nodes.write_exit(out_dir, status)
     log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
     return 0 if status == _nodes.EXIT_SUCCESS else 3
@@ -279,9 +303,10 @@ def _main_guarded(opts: dict[str, str | None], out_dir: Path, log: _Log) -> int:
 
 def _expected_error(err: Exception) -> bool:
     from cryoformer_ext.imagestack import ImageStackError
+    from cryoformer_ext.launch import WorkerFailed
     from cryoformer_ext.star_io import StarFileError
 
-    return isinstance(err, (StarFileError, JobConfigError, UsageError, ImageStackError))
+    return isinstance(err, (StarFileError, JobConfigError, UsageError, ImageStackError, WorkerFailed))
 
 
 if __name__ == "__main__":  # pragma: no cover
