@@ -26,11 +26,11 @@ from cryoformer_ext import analyze_cli
 from cryoformer_ext.config import JobConfig
 from cryoformer_ext.job import run_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow]
 
-N, BOX, APIX, SNR = int(os.environ.get("E2E_N", 1000)), 16, 8.0, 2.0
-CONFIG = dict(epochs=int(os.environ.get("E2E_EPOCHS", 15)), zdim=2, train_box=BOX, batch_size=16, lr=3e-3,
-              tokens=8, channels=16, enc_layers=3, enc_dim=64, kmeans=5, pcs=1, pc_steps=6, seed=0)
+N, BOX, APIX, SNR = int(os.environ.get("E2E_N", 2000)), 16, 8.0, 2.0
+CONFIG = dict(epochs=int(os.environ.get("E2E_EPOCHS", 6)), zdim=8, train_box=BOX, batch_size=8,
+              kmeans=5, pcs=1, pc_steps=6, seed=0)
 
 
 @pytest.fixture(scope="module")
