@@ -119,7 +119,9 @@ class CryoFormer(nn.Module):
             pts = self.points[s:s + step]
             pix = self.pixels[s:s + step]
             world = rotated_points(pts, rot.float())
-            if self.training and s + step < n and torch.is_grad_enabled() and n > step:
+            # every chunk but the last is recomputed in the backward instead of kept: activations of a
+            # D=128 batch would not fit otherwise; the last one is needed right away anyway
+            if self.training and torch.is_grad_enabled() and s + step < n:
                 dens = checkpoint(self.density, world, kv, use_reentrant=False)
             else:
                 dens = self.density(world, kv)
