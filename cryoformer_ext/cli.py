@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0  # the recovery table is a report, not a pass/fail verdict
 
 
-DEMO_DEFAULTS = {"epochs": 8, "kmeans": 5, "pcs": 2, "pc_steps": 6, "batch_size": 8}
+DEMO_DEFAULTS = {"epochs": 14, "kmeans": 5, "pcs": 2, "pc_steps": 6, "batch_size": 8}
 
 
 def build_parser() -> argparse.ArgumentParser:
