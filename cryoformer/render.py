@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .ctf import compute_ctf, freq_grid
-from .lattice import centered_coords, shift_phase
+from .lattice import shift_phase, volume_points
 
 
 def corrupt(projections: torch.Tensor, pixel_size_A: float, shift_px: torch.Tensor | None = None,
@@ -41,9 +41,7 @@ def project_volume(volume: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     projection the neural field is rendered with.
     """
     box = volume.shape[-1]
-    c = centered_coords(box, device=volume.device)
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    pts = torch.stack([x, y, z], dim=-1).reshape(-1, 3)
+    pts = volume_points(box, device=volume.device).to(volume.dtype)
     world = rotated_points(pts, rot.to(volume.dtype))                      # (B, P, 3) voxel units
     # grid_sample uses align_corners=True coordinates in [-1, 1] over the index range 0..D-1
     grid = (world + box // 2) / (box - 1) * 2.0 - 1.0

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from cryoformer.lattice import sphere_mask
 from . import plots as _plots
 from .outputs import atomic_write_text, save_npy, write_mrc
 
@@ -83,12 +84,6 @@ class AnalysisResult(BaseModel):
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _sphere_mask(box: int) -> np.ndarray:
-    c = np.arange(box) - box // 2
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    return (x * x + y * y + z * z) <= (box / 2.0) ** 2
 
 
 def _umap_module():
@@ -311,7 +306,7 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
                     umap_coords = None
 
     # ---- maps -----------------------------------------------------------------------------------------
-    mask = _sphere_mask(box)
+    mask = sphere_mask(box).numpy()
     consensus_vol = None
     with timer("consensus_map"):
         zc = None if cons_z is None else cons_z[None, :]

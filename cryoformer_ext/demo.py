@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy.stats import spearmanr
 
+from cryoformer.lattice import sphere_mask
 from cryoformer.simulate import simulate, true_volume
 
 from .config import JobConfig
@@ -41,9 +42,7 @@ def recovery_report(t_true: np.ndarray, latents: np.ndarray, generator, box: int
         pc1 = PCA(1).fit_transform(latents)[:, 0]
         out["spearman_pc1_vs_truth"] = float(abs(spearmanr(pc1, t_true).statistic))
     ts = np.linspace(0.05, 0.95, n_states)
-    c = np.arange(box) - box // 2
-    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
-    mask = xx ** 2 + yy ** 2 + zz ** 2 <= (box / 2) ** 2
+    mask = sphere_mask(box).numpy()
     truths = [true_volume(float(t), box) for t in ts]
     rows = []
     for i, t in enumerate(ts):
