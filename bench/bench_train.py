@@ -1,10 +1,17 @@
 """Training throughput of the default model: images/s, time per epoch and peak RSS at D=64 and D=128.
 
 Runs on whatever device is present (CPU here; CUDA + bf16 autocast on a GPU machine). Each box size is
-measured in a fresh subprocess so that peak RSS belongs to that size alone. Writes
-``bench/results/train_<device>.json``.
+measured in a fresh subprocess so that peak RSS belongs to that size alone. ``--baseline REF`` measures
+the code of that git ref too (a temporary worktree), one after the other in the same run, and writes
+the ratio of the two throughputs. Writes ``bench/results/train_<device>.json``.
+
+A model that renders only its occupied cells measures its steady state: its occupancy grid is set from
+the simulated molecule's five conformations with the training defaults (threshold, margin), which is what
+training estimates once the field has learned the molecule (the first ``occupancy_warmup`` images of a
+job render the whole sphere). The fraction of the sphere rendered is written with the numbers.
 
     python bench/bench_train.py                      # D=64 and D=128, default model
+    python bench/bench_train.py --baseline e2296ed   # and the code of that commit, with the ratio
     python bench/bench_train.py --boxes 64 --images 64
 """
 
@@ -18,6 +25,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gitref  # noqa: E402
+from profile_step import prepare_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,6 +50,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
     job = JobConfig(train_box=box, batch_size=batch)
     device = select_device(job)
     mcfg = model_config_for(data, job, estimate_data_scale(data, box))
+    extra: dict = {}
     steps: list[float] = []
     last = [time.perf_counter()]
 
@@ -53,8 +65,11 @@ def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(data, mcfg, TrainConfig(epochs=1, batch_size=batch, device=str(device), log_interval_s=1e9),
-              Path(tmp), log=lambda m: None, step_hook=hook)
+        tcfg = TrainConfig(epochs=1, batch_size=batch, device=str(device), log_interval_s=1e9)
+        if "occupancy_warmup" in TrainConfig.model_fields:  # steady state: the grid is set, not estimated
+            tcfg = tcfg.model_copy(update={"occupancy_warmup": 10 ** 9})
+            _set_initial_occupancy(Path(tmp), mcfg, tcfg, extra)
+        train(data, mcfg, tcfg, Path(tmp), log=lambda m: None, step_hook=hook)
         wall = time.perf_counter() - t0
     timed = steps[1:] if len(steps) > 1 else steps  # the first step includes warm-up
     per_img = sum(timed) / (len(timed) * batch)
@@ -66,22 +81,24 @@ def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
         "wall_s_including_setup": wall, "peak_rss_GB": rss_kb / 1024 ** 2,
         "sphere_points_per_image": int(0.5236 * box ** 3),
         "peak_gpu_mem_GB": torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else None,
-        "model": {k: v for k, v in mcfg.model_dump().items() if k not in ("data_scale",)},
+        "model": {k: v for k, v in mcfg.model_dump().items() if k not in ("data_scale",)}, **extra,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--images", type=int, default=None, help="images per measurement (default 64 at D=64, 24 at D=128)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child is not None:
-        n = a.images or (64 if a.child <= 64 else 24)
-        print(json.dumps(measure(a.child, n, a.batch, a.threads)))
-        return
+def _set_initial_occupancy(ckpt_dir: Path, mcfg, tcfg, extra: dict) -> None:
+    """A checkpoint at epoch 0 whose model has the molecule's occupancy grid; training resumes from it."""
+    import torch
+
+    from cryoformer.model import CryoFormer
+    from cryoformer.train import make_optimizer, save_checkpoint
+
+    torch.manual_seed(tcfg.seed)
+    model = CryoFormer(mcfg)
+    extra.update(prepare_model(model))
+    save_checkpoint(ckpt_dir / "last.pt", model, make_optimizer(model, tcfg), 0, [], tcfg)
+
+
+def run_children(code_root: Path | None, a) -> list[dict]:
     rows = []
     for box in a.boxes:
         cmd = [sys.executable, __file__, "--child", str(box), "--batch", str(a.batch)]
@@ -89,18 +106,48 @@ def main() -> None:
             cmd += ["--images", str(a.images)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=gitref.env_for(code_root))
+        if proc.returncode:
+            raise SystemExit(f"box {box} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"D={box}: {r['images_per_s']:.2f} images/s, {r['time_per_epoch_100k_particles_h']:.1f} h per "
-              f"100k-particle epoch, peak RSS {r['peak_rss_GB']:.2f} GB ({r['device']}, {r['threads']} threads)",
+        r["code"] = gitref.describe(code_root)
+        print(f"[{r['code']}] D={box}: {r['images_per_s']:.2f} images/s, {r['time_per_epoch_100k_particles_h']:.1f} h "
+              f"per 100k-particle epoch, peak RSS {r['peak_rss_GB']:.2f} GB ({r['device']}, {r['threads']} threads)",
               flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--images", type=int, default=None, help="images per measurement (default 64 at D=64, 24 at D=128)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--baseline", default=None, help="git ref whose code is measured too (e.g. e2296ed)")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child is not None:
+        n = a.images or (64 if a.child <= 64 else 24)
+        print(json.dumps(measure(a.child, n, a.batch, a.threads)))
+        return
+    results: dict = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "cpu_count": os.cpu_count()}
+    if a.baseline:
+        with gitref.checkout(a.baseline) as tree:
+            results["baseline"] = {"ref": a.baseline, "results": run_children(tree, a)}
+    rows = run_children(None, a)
+    results["results"] = rows
+    if a.baseline:
+        base = {r["box"]: r for r in results["baseline"]["results"]}
+        results["speedup"] = {str(r["box"]): r["images_per_s"] / base[r["box"]]["images_per_s"]
+                              for r in rows if r["box"] in base}
+        for box, ratio in results["speedup"].items():
+            print(f"D={box}: {ratio:.1f}x the images/s of {a.baseline}")
     RESULTS.mkdir(exist_ok=True)
     dev = rows[0]["device"].split(":")[0] if rows else "cpu"
     out = RESULTS / f"train_{dev}.json"
-    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cpu_count": os.cpu_count(), "results": rows}
-    out.write_text(json.dumps(meta, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 
 

@@ -18,17 +18,26 @@ Training, one method at a time (each in its own process, ``--threads`` torch thr
 Per-epoch checkpoints in one process (rather than restarting with ``--load`` / resume per epoch) keep
 process start-up out of the epoch times; the wall-time axis is the cumulative epoch time.
 
-Quality after every epoch (CryoBench style): for ``--eval-particles`` evenly spaced particles, the map at
-that particle's latent (cryoDRGN: ``cryodrgn eval_vol --zfile``; cryoFormer:
-``Reconstruction.load(ckpt).volumes(z)``), FSC against ``true_volume(t_i, D)`` of its conformation; mean
-FSC-AUC and mean resolution (px) at FSC 0.5 and 0.143. Map axis order/handedness conventions may differ
-between programs: the signed axis permutation (48 candidates) that best matches the truth is chosen
-once per method on the last epoch's first map and recorded.
+Quality after every epoch, from that epoch's weights and the latents of every particle:
+* maps: for ``--eval-particles`` evenly spaced particles, the map at that particle's latent (cryoDRGN:
+  ``cryodrgn eval_vol --zfile``; cryoFormer: ``Reconstruction.load(ckpt).volumes(z)``), FSC against
+  ``true_volume(t_i, D)`` of its conformation: mean FSC-AUC and resolution at FSC 0.5 / 0.143 (CryoBench);
+* the moving region (discrete states): the map at the mean latent of each true state, correlated with
+  that state's truth over the voxels where the true conformations differ (their standard deviation above
+  10 % of its maximum); whole-box FSC is dominated by the static core and barely tells a resolved motion
+  from a consensus map (:mod:`cryoformer_ext.recovery`);
+* latents: |Spearman| of PC1 with the true conformation, cross-validated R^2 of a linear map z -> t, and
+  kNN accuracy of the state (10 neighbours, 5-fold).
+Map axis order/handedness conventions may differ between programs: the signed axis permutation (48
+candidates) that best matches the truth is chosen once per method on the last epoch's first map.
+Wall time: cumulative epoch time (training only, like cryoDRGN's own epoch timer); for each score the
+results give each method's wall time to its best value, and to the other method's best value.
 
-Writes ``bench/results/vs_cryodrgn[_quick].json`` / ``.md`` / ``.png``.
+Writes ``bench/results/vs_cryodrgn_D<box>_N<n>_snr<snr>.json`` / ``.md`` / ``.png`` (``vs_cryodrgn_quick.*``).
 
     python bench/bench_vs_cryodrgn.py --quick                 # smoke run: box 32, 500 particles, 2 epochs
-    python bench/bench_vs_cryodrgn.py --box 64 --n 5000 --epochs 20
+    python bench/bench_vs_cryodrgn.py --box 64 --n 5000 --epochs 20 --snr 0.1 --threads 2
+    python bench/bench_vs_cryodrgn.py --box 64 --n 5000 --epochs 20 --snr 0.05 --threads 2 --skip-install
     python bench/bench_vs_cryodrgn.py --box 128 --n 5000 --epochs 20
 """
 
@@ -162,34 +171,37 @@ def train_cryodrgn(exe: str, data: Path, out: Path, epochs: int, threads: int, b
 
 
 def train_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: int, seed: int,
-                     timeout: float) -> dict:
+                     timeout: float, job_json: str) -> dict:
     cmd = [sys.executable, __file__, "--child-cryoformer", str(data), str(out), "--epochs", str(epochs),
-           "--threads", str(threads), "--batch", str(batch), "--seed", str(seed)]
+           "--threads", str(threads), "--batch", str(batch), "--seed", str(seed), "--cf-job", job_json]
     run = run_polled(cmd, out.with_suffix(".log"), child_env(threads), timeout)
     text = out.with_suffix(".log").read_text()
     run["epoch_s"] = [float(m) for m in re.findall(r"epoch \d+ done: .*? in ([\d.]+) s", text)]
     run["checkpoints"] = [{"weights": str(p)} for p in sorted(out.glob("epoch_*.pt"))]
+    run["occupancy_log"] = re.findall(r"occupancy grid estimated .*", text)
     run["command"] = " ".join(cmd)
     return run
 
 
-def child_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: int, seed: int) -> None:
-    """``cryoformer train``'s training part, copying the checkpoint after every epoch."""
+def child_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: int, seed: int, job_json: str) -> None:
+    """``cryoformer train``'s training part (job defaults + ``--cf-job`` overrides), copying the checkpoint
+    after every epoch."""
     import torch
 
     torch.set_num_threads(threads)
-    from cryoformer.train import CHECKPOINT_NAME, TrainConfig, estimate_data_scale, train
+    from cryoformer.train import CHECKPOINT_NAME, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for, training_box
+    from cryoformer_ext.job import model_config_for, train_config_for, training_box
     from cryoformer_ext.star_io import read_particles_star
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     star = read_particles_star(data / "particles.star", data)
-    job = JobConfig(epochs=epochs, batch_size=batch, seed=seed, threads=threads)
+    job = JobConfig(**{"epochs": epochs, "batch_size": batch, "seed": seed, "threads": threads, **json.loads(job_json)})
     scale = estimate_data_scale(star.data, training_box(job, star.data.box), seed=seed)
     mcfg = model_config_for(star.data, job, scale)
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch, lr=job.lr, seed=seed, device="cpu", amp=job.amp)
+    tcfg = train_config_for(job, "cpu")
+    print(f"job parameters: {job.model_dump_json()}", flush=True)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -227,7 +239,7 @@ def choose_transform(vol: np.ndarray, truth: np.ndarray):
                      "auc_best": best[0], "auc_identity": ident[0]}
 
 
-def quality(vols: np.ndarray, ts: np.ndarray, box: int, tf) -> dict:
+def map_quality(vols: np.ndarray, ts: np.ndarray, box: int, tf) -> dict:
     from cryoformer.metrics import fsc, fsc_auc, resolution_px
     from cryoformer.simulate import true_volume
 
@@ -245,13 +257,43 @@ def quality(vols: np.ndarray, ts: np.ndarray, box: int, tf) -> dict:
             "res_px_fsc0.143": float(np.mean(r0143))}
 
 
-def cryodrgn_volumes(exe: str, ck: dict, idx: np.ndarray, work: Path, threads: int) -> np.ndarray:
+def state_quality(state_vols: np.ndarray, state_values: np.ndarray, box: int, tf) -> dict:
+    """Moving-region correlation of the maps at the mean latent of each true state."""
+    from cryoformer.simulate import true_volume
+    from cryoformer_ext.recovery import masked_corr, moving_region
+
+    truths = [true_volume(float(s), box) for s in state_values]
+    move = moving_region(truths)
+    own, best = [], []
+    for i, v in enumerate(state_vols):
+        corr = [masked_corr(_apply(v, tf), tv, move) for tv in truths]
+        own.append(corr[i])
+        best.append(int(np.argmax(corr)))
+    return {"moving_corr": float(np.mean(own)), "moving_corr_per_state": [round(c, 4) for c in own],
+            "states_recovered": int(sum(b == i for i, b in enumerate(best)))}
+
+
+def latent_quality(z: np.ndarray, conf: np.ndarray, states: np.ndarray | None) -> dict:
+    from cryoformer_ext.recovery import latent_scores
+
+    sc = latent_scores(z, conf, states)
+    return {"spearman_pc1": sc.spearman_pc1, "cv_r2": sc.cv_r2, "knn_accuracy": sc.knn_accuracy}
+
+
+def state_latents(z: np.ndarray, conf: np.ndarray, state_values: np.ndarray) -> np.ndarray:
+    return np.stack([z[np.isclose(conf, s)].mean(0) for s in state_values])
+
+
+def cryodrgn_epoch(exe: str, ck: dict, idx: np.ndarray, conf: np.ndarray, state_values: np.ndarray, work: Path,
+                   threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(all latents, maps at ``idx``'s latents, maps at the state-mean latents) of one epoch."""
     import mrcfile
 
     with open(ck["z"], "rb") as fh:
-        z = pickle.load(fh)[idx]
+        z_all = np.asarray(pickle.load(fh), np.float32)
+    zs = np.concatenate([z_all[idx], state_latents(z_all, conf, state_values)])
     work.mkdir(parents=True, exist_ok=True)
-    np.savetxt(work / "z.txt", z)
+    np.savetxt(work / "z.txt", zs)
     cfg = Path(ck["weights"]).parent / "config.yaml"
     vdir = work / "vols"
     shutil.rmtree(vdir, ignore_errors=True)
@@ -259,86 +301,144 @@ def cryodrgn_volumes(exe: str, ck: dict, idx: np.ndarray, work: Path, threads: i
                    check=True, env=child_env(threads, extra_path=False), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     files = sorted(vdir.glob("*.mrc"))
-    if len(files) != len(idx):
-        raise RuntimeError(f"eval_vol wrote {len(files)} maps for {len(idx)} latents in {vdir}")
-    return np.stack([mrcfile.read(f).astype(np.float32) for f in files])
+    if len(files) != len(zs):
+        raise RuntimeError(f"eval_vol wrote {len(files)} maps for {len(zs)} latents in {vdir}")
+    vols = np.stack([mrcfile.read(f).astype(np.float32) for f in files])
+    return z_all, vols[:len(idx)], vols[len(idx):]
 
 
-def cryoformer_volumes(ck: dict, data_dir: Path, idx: np.ndarray, box: int) -> np.ndarray:
-    from cryoformer.data import ParticleData
+def cryoformer_epoch(ck: dict, data_dir: Path, idx: np.ndarray, conf: np.ndarray, state_values: np.ndarray,
+                     box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from cryoformer.infer import Reconstruction
     from cryoformer_ext.star_io import read_particles_star
 
     star = read_particles_star(data_dir / "particles.star", data_dir)
-    d = star.data
-    sub = ParticleData(_Subset(d.images, idx), d.pixel_size_A, None if d.ctf is None else _take_ctf(d.ctf, idx),
-                       d.rot[idx], d.shift_px[idx])
     rec = Reconstruction.load(ck["weights"])
-    z = rec.encode(sub)
-    return rec.volumes(z, box)
-
-
-class _Subset:
-    def __init__(self, src, idx):
-        self.src, self.idx = src, np.asarray(idx)
-
-    @property
-    def box(self) -> int:
-        return self.src.box
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def read(self, indices):
-        return self.src.read(self.idx[np.asarray(indices)])
-
-
-def _take_ctf(ctf, idx):
-    from dataclasses import fields, replace
-
-    return replace(ctf, **{f.name: getattr(ctf, f.name)[idx] for f in fields(ctf)})
+    z_all = rec.encode(star.data)
+    return z_all, rec.volumes(z_all[idx], box), rec.volumes(state_latents(z_all, conf, state_values), box)
 
 
 # ---------------------------------------------------------------------------------------------------
 # report
 
+SCORES = [("fsc_auc", "mean FSC-AUC (particle maps)"), ("moving_corr", "moving-region corr. (state maps)"),
+          ("spearman_pc1", "|Spearman| PC1 vs t"), ("knn_accuracy", "kNN accuracy of the state")]
+
+
+def time_to(epochs: list[dict], key: str, target: float) -> float | None:
+    """Cumulative training seconds at the first epoch whose ``key`` reaches ``target``."""
+    for e in epochs:
+        if e.get(key) is not None and e[key] >= target:
+            return e["cum_train_s"]
+    return None
+
+
+def compare(res: dict) -> dict:
+    """Per score: each method's best value and the wall time to it, and the time each needs to reach the
+    other's best (None: never reached)."""
+    out: dict = {}
+    methods = res["methods"]
+    for key, _ in SCORES:
+        row: dict = {}
+        for name, m in methods.items():
+            vals = [e[key] for e in m["epochs"] if e.get(key) is not None]
+            if not vals:
+                continue
+            best = max(vals)
+            row[name] = {"best": best, "time_to_best_s": time_to(m["epochs"], key, best)}
+        for name in row:
+            for other in row:
+                if other != name:
+                    row[name][f"time_to_{other}_best_s"] = time_to(methods[name]["epochs"], key, row[other]["best"])
+        if set(row) == {"cryodrgn", "cryoformer"}:
+            a, b = row["cryodrgn"]["time_to_best_s"], row["cryoformer"].get("time_to_cryodrgn_best_s")
+            row["cryodrgn_time_over_cryoformer_time_at_cryodrgn_best"] = (a / b) if a and b else None
+        out[key] = row
+    return out
+
 
 def write_report(res: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
+    res["comparison"] = compare(res)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     d = res["dataset"]
     lines = [f"# cryoFormer vs cryoDRGN{' (SMOKE RUN, --quick: not the benchmark)' if res['quick'] else ''}", "",
              f"Data: {d['n']} particles, D={d['box']}, {d['pixel_size_A']:.2f} Å/px, states {d['states']}, "
-             f"SNR {d['snr']}, poses + CTF given. {res['threads']} CPU thread(s); {res['date']}; `{res['command']}`", "",
-             "| method | epoch | cum. train s | img/s | peak RSS GB | mean FSC-AUC | mean res @0.5 (px) | mean res @0.143 (px) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"SNR {d['snr']}, poses + CTF given. {res['threads']} CPU thread(s) per method; {res['date']}; "
+             f"`{res['command']}`", "",
+             "| method | epoch | cum. train s | img/s | FSC-AUC | res @0.5 (px) | moving corr | states recovered | "
+             "\\|Spearman\\| PC1 | CV R² | kNN acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in res["methods"].items():
         for e in m["epochs"]:
-            lines.append(f"| {name} | {e['epoch']} | {e['cum_train_s']:.1f} | {e['images_per_s']:.1f} | "
-                         f"{m['peak_rss_GB']:.2f} | {e['fsc_auc']:.4f} | {e['res_px_fsc0.5']:.2f} | "
-                         f"{e['res_px_fsc0.143']:.2f} |")
+            lines.append(f"| {name} | {e['epoch']} | {e['cum_train_s']:.0f} | {e['images_per_s']:.1f} | "
+                         f"{e['fsc_auc']:.4f} | {e['res_px_fsc0.5']:.2f} | {e.get('moving_corr', float('nan')):.3f} | "
+                         f"{e.get('states_recovered', '-')} | {e['spearman_pc1']:.3f} | {e['cv_r2']:.3f} | "
+                         f"{(e['knn_accuracy'] if e['knn_accuracy'] is not None else float('nan')):.3f} |")
+    lines += ["", "| score | method | best | wall s to best | wall s to the other's best |", "|---|---|---|---|---|"]
+    for key, label in SCORES:
+        for name, r in res["comparison"].get(key, {}).items():
+            if not isinstance(r, dict):
+                continue
+            other = [v for k, v in r.items() if k.startswith("time_to_") and k.endswith("_best_s") and k != "time_to_best_s"]
+            lines.append(f"| {label} | {name} | {r['best']:.3f} | {r['time_to_best_s']:.0f} | "
+                         f"{'never' if not other or other[0] is None else f'{other[0]:.0f}'} |")
     lines.append("")
     for name, m in res["methods"].items():
-        lines.append(f"* {name}: map orientation used for FSC {m['orientation']['transform']} "
+        lines.append(f"* {name}: peak RSS {m['peak_rss_GB']:.2f} GB; map orientation used {m['orientation']['transform']} "
                      f"(AUC {m['orientation']['auc_best']:.4f} vs {m['orientation']['auc_identity']:.4f} as written)")
+        if m.get("job"):
+            lines.append(f"  job parameters: `{m['job']}`")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot_curves(res, stem.with_suffix(".png"))
+
+
+def plot_curves(res: dict, path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for name, m in res["methods"].items():
-            ax.plot([e["cum_train_s"] for e in m["epochs"]], [e["fsc_auc"] for e in m["epochs"]], "o-", label=name)
-        ax.set_xlabel("cumulative training wall time (s)")
-        ax.set_ylabel("mean FSC-AUC vs truth")
-        ax.set_title(f"D={d['box']}, N={d['n']}" + (" (smoke run)" if res["quick"] else ""))
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=120)
     except Exception as err:  # noqa: BLE001 - the plot is optional
         print(f"no plot: {err}")
+        return
+    d = res["dataset"]
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(4.2 * len(SCORES), 3.6))
+    for ax, (key, label) in zip(axes, SCORES):
+        for name, m in res["methods"].items():
+            pts = [(e["cum_train_s"] / 60, e[key]) for e in m["epochs"] if e.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=name)
+        ax.set_xlabel("training wall time (min)")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"D={d['box']}, N={d['n']}, {d['states']} states, SNR {d['snr']}"
+                 + (" (smoke run)" if res["quick"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_method(name: str, run: dict, epoch_fn, a, conf: np.ndarray, idx: np.ndarray, states: np.ndarray | None,
+                    state_values: np.ndarray | None) -> dict:
+    from cryoformer.simulate import true_volume
+
+    cks = run.pop("checkpoints")
+    if len(cks) != len(run["epoch_s"]):
+        print(f"warning: {name}: {len(cks)} checkpoints, {len(run['epoch_s'])} epoch times", flush=True)
+    per_epoch = [epoch_fn(ck, e) for e, ck in enumerate(cks, 1)]
+    tf, orient = choose_transform(per_epoch[-1][1][0], true_volume(float(conf[idx[0]]), a.box))
+    epochs, cum = [], 0.0
+    for e, (z_all, vols, state_vols) in enumerate(per_epoch, 1):
+        es = run["epoch_s"][e - 1] if e - 1 < len(run["epoch_s"]) else float("nan")
+        cum += es
+        row = {"epoch": e, "epoch_s": es, "cum_train_s": cum, "images_per_s": a.n / es,
+               **map_quality(vols, conf[idx], a.box, tf), **latent_quality(z_all, conf, states)}
+        if state_values is not None:
+            row.update(state_quality(state_vols, state_values, a.box, tf))
+        epochs.append(row)
+        print(name, json.dumps(epochs[-1]), flush=True)
+    return {**run, "orientation": orient, "epochs": epochs}
 
 
 def main() -> None:
@@ -352,6 +452,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cf-job", default="{}", help="cryoFormer job parameters over the defaults, as JSON")
+    p.add_argument("--cf-epochs", type=int, default=None, help="cryoFormer epochs (default: --epochs)")
     p.add_argument("--quick", action="store_true", help="smoke run: box 32, 500 particles, 2 epochs, 20 eval particles")
     p.add_argument("--skip-install", action="store_true", help="use the existing cryoDRGN venv")
     p.add_argument("--isolated-venv", action="store_true",
@@ -364,7 +466,7 @@ def main() -> None:
     p.add_argument("--child-cryoformer", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child_cryoformer:
-        child_cryoformer(*a.child_cryoformer, a.epochs, a.threads, a.batch, a.seed)
+        child_cryoformer(*a.child_cryoformer, a.epochs, a.threads, a.batch, a.seed, a.cf_job)
         return
     if a.quick:
         a.box, a.n, a.epochs, a.eval_particles = 32, 500, 2, 20
@@ -380,7 +482,7 @@ def main() -> None:
         if not a.skip_install:
             install_cryodrgn(a.venv, a.torch, a.isolated_venv)
         exe = cryodrgn_exe(a.venv)
-    work = a.work / f"D{a.box}_N{a.n}"
+    work = a.work / f"D{a.box}_N{a.n}_snr{a.snr:g}"
     shutil.rmtree(work, ignore_errors=True)
     data = work / "data"
     res = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -389,32 +491,23 @@ def main() -> None:
     print(json.dumps(res["dataset"]), flush=True)
     conf = np.load(data / "conformation.npy")
     idx = np.unique(np.linspace(0, a.n - 1, a.eval_particles).round().astype(int))
-    ts = conf[idx]
+    discrete = a.states != "continuous"
+    state_values = np.unique(conf) if discrete else None
+    states = np.searchsorted(state_values, conf) if discrete else None
     res["eval_particles"] = len(idx)
 
     for name in methods:
         out = work / name
         if name == "cryodrgn":
             run = train_cryodrgn(exe, data, out, a.epochs, a.threads, a.batch, a.seed, a.timeout)
-            vol_fn = lambda ck, e: cryodrgn_volumes(exe, ck, idx, work / f"eval_{name}_{e}", a.threads)  # noqa: E731
+            fn = lambda ck, e: cryodrgn_epoch(exe, ck, idx, conf, state_values, work / f"eval_{name}_{e}", a.threads)  # noqa: E731
         else:
-            run = train_cryoformer(data, out, a.epochs, a.threads, a.batch, a.seed, a.timeout)
-            vol_fn = lambda ck, e: cryoformer_volumes(ck, data, idx, a.box)  # noqa: E731
-        cks = run.pop("checkpoints")
-        if len(cks) != len(run["epoch_s"]):
-            print(f"warning: {name}: {len(cks)} checkpoints, {len(run['epoch_s'])} epoch times", flush=True)
-        vols_by_epoch = [vol_fn(ck, e) for e, ck in enumerate(cks, 1)]
-        tf, orient = choose_transform(vols_by_epoch[-1][0], __import__("cryoformer.simulate", fromlist=["x"]).true_volume(float(ts[0]), a.box))
-        epochs, cum = [], 0.0
-        for e, vols in enumerate(vols_by_epoch, 1):
-            es = run["epoch_s"][e - 1] if e - 1 < len(run["epoch_s"]) else float("nan")
-            cum += es
-            epochs.append({"epoch": e, "epoch_s": es, "cum_train_s": cum, "images_per_s": a.n / es,
-                           **quality(vols, ts, a.box, tf)})
-            print(name, json.dumps(epochs[-1]), flush=True)
-        res["methods"][name] = {**run, "orientation": orient, "epochs": epochs}
+            run = train_cryoformer(data, out, a.cf_epochs or a.epochs, a.threads, a.batch, a.seed, a.timeout, a.cf_job)
+            run["job"] = a.cf_job
+            fn = lambda ck, e: cryoformer_epoch(ck, data, idx, conf, state_values, a.box)  # noqa: E731
+        res["methods"][name] = evaluate_method(name, run, fn, a, conf, idx, states, state_values)
 
-    stem = RESULTS / ("vs_cryodrgn_quick" if a.quick else f"vs_cryodrgn_D{a.box}_N{a.n}")
+    stem = RESULTS / ("vs_cryodrgn_quick" if a.quick else f"vs_cryodrgn_D{a.box}_N{a.n}_snr{a.snr:g}")
     write_report(res, stem)
     print(stem.with_suffix(".md").read_text())
     if not a.quick:

@@ -108,29 +108,50 @@ class SpatialDensityHead(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
     def keys_values(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image keys and values (computed once per image, shared by all its points)."""
+        """Per-image keys and values (computed once per image, shared by all its points).
+
+        Point form: the values are returned already multiplied by the FFN's first weight matrix. The FFN
+        acts on ``o + q`` with ``o = a V``, so ``W1 (a V + q) + b1 = a (V W1^T) + (q W1^T + b1)``: one N x C
+        product per image replaces a C x C product per point and image, and the second term depends on
+        the position only (:meth:`spatial_query`). The same function, a third fewer operations."""
         if self.mode == "point":
-            return self.k_norm(self.k(t)), self.v(t)
+            return self.k_norm(self.k(t)), torch.matmul(self.v(t), self.ffn[0].weight.t())
         return t, t
+
+    def spatial_query(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The position-only part: hash features (..., P, F) -> what each point attends with.
+
+        Split from :meth:`attend` because it does not depend on the image: when the points are the same
+        for every image of a batch (the canonical voxel grid), it is computed once per step."""
+        if self.mode == "point":
+            q = self.spatial(feats)                                       # (..., P, C)
+            return self.q_norm(q) * (self.log_temp.exp() / math.sqrt(self.dim)), self.ffn[0](q)
+        return (self.spatial(feats).unflatten(-1, (self.tokens, self.dim)),)  # F_S(x): N x C per point
+
+    def attend(self, query: tuple[torch.Tensor, ...], kv: tuple[torch.Tensor, torch.Tensor],
+               return_attention: bool = False):
+        """Density (B, P) of each image's conformation at the points of ``query`` [and attention (B, P, N)].
+
+        ``query`` holds (P, ...) tensors shared by the B images or (B, P, ...) tensors of each image."""
+        keys, values = kv
+        with torch.profiler.record_function("cf:point_attention"):
+            if self.mode == "point":
+                qn, u = query                                                 # u = W1 q + b1
+                logits = torch.matmul(qn, keys.transpose(1, 2))               # (B, P, N)
+                a = torch.softmax(logits.float(), dim=-1).to(u.dtype)
+                h = self.ffn[1](torch.matmul(a, values) + u)                  # ReLU(W1 (a V + q) + b1)
+                dens = self.ffn[2](h).squeeze(-1)
+                return (dens, a) if return_attention else dens
+            (fs,) = query
+            if fs.dim() == 3:
+                fs = fs.unsqueeze(0).expand(keys.shape[0], -1, -1, -1)
+            logits = torch.einsum("bic,bpjc->bpij", keys, fs) / math.sqrt(self.dim)
+            a = torch.softmax(logits.float(), dim=-1).to(fs.dtype)            # (B, P, N, N)
+            o = torch.einsum("bpij,bjc->bpic", a, values)                     # Attn(T, F_S(x), T)
+            dens = self.ffn(o).squeeze(-1).mean(-1)
+            return (dens, a.mean(2)) if return_attention else dens
 
     def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 return_attention: bool = False):
-        """``feats`` (B, P, F) hash features; returns density (B, P) [and attention (B, P, N)]."""
-        keys, values = kv
-        if self.mode == "point":
-            q = self.spatial(feats)                                       # (B, P, C)
-            qn = self.q_norm(q) * (self.log_temp.exp() / math.sqrt(self.dim))
-            logits = torch.bmm(qn, keys.transpose(1, 2))
-            a = torch.softmax(logits.float(), dim=-1).to(q.dtype)         # (B, P, N)
-            o = torch.bmm(a, values)                                      # (B, P, C)
-            dens = self.ffn(o + q).squeeze(-1)
-            return (dens, a) if return_attention else dens
-        b, p, _ = feats.shape
-        fs = self.spatial(feats).reshape(b, p, self.tokens, self.dim)     # F_S(x): N x C per point
-        logits = torch.einsum("bic,bpjc->bpij", keys, fs) / math.sqrt(self.dim)
-        a = torch.softmax(logits.float(), dim=-1).to(fs.dtype)            # (B, P, N, N)
-        o = torch.einsum("bpij,bjc->bpic", a, values)                     # Attn(T, F_S(x), T)
-        dens = self.ffn(o).squeeze(-1).mean(-1)
-        if return_attention:
-            return dens, a.mean(2)
-        return dens
+        """``feats`` (B, P, F) or (P, F) hash features; returns density (B, P) [and attention (B, P, N)]."""
+        return self.attend(self.spatial_query(feats), kv, return_attention)

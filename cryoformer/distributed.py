@@ -66,6 +66,12 @@ class DistContext:
         tdist.all_reduce(t)
         return tuple(float(v) for v in t.cpu())
 
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Rank 0's values of ``tensor`` on every rank (in place)."""
+        buf = tensor.to(self.device, dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
+        tdist.broadcast(buf, 0)
+        tensor.copy_(buf.to(tensor.dtype))
+
     def barrier(self) -> None:
         if self.device.type == "cuda":
             tdist.barrier(device_ids=[self.device.index])

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -339,6 +340,10 @@ class HashGrid(torch.nn.Module):
         enc.params = self.params
         return enc(x).float()
 
+    def uses_tcnn(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` would run tinycudann (then a :class:`HashGridPlan` is of no use)."""
+        return self._use_tcnn(x.reshape(-1, 3))
+
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -350,3 +355,75 @@ class HashGrid(torch.nn.Module):
                 x.detach(), self.params, self._levels, self.n_features, self.fma_emulation
             )
         return out.reshape(*lead, self.n_output_dims)
+
+
+# -- fixed point sets ----------------------------------------------------------------------------------
+# A field evaluated at the same points every step (the canonical voxel grid of the renderer) is a fixed
+# sparse linear map of the table: its corner rows and weights are computed once and reused, which leaves
+# one gather and one small GEMM per step instead of the per-level index arithmetic (most of the cost).
+
+
+class HashGridPlan(NamedTuple):
+    """Corner rows of the whole (entries, F) table, (levels, P, 8) int32, and their weights (fp32)."""
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def n_points(self) -> int:
+        return int(self.weights.shape[1])
+
+
+def plan_bytes(n_points: int, n_levels: int) -> int:
+    """Memory a :class:`HashGridPlan` of ``n_points`` takes."""
+    return n_points * n_levels * 8 * 8
+
+
+class _PlannedHashGridFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, params, rows, weights, n_features):
+        with torch.autocast(device_type=params.device.type, enabled=False):
+            L, P, _ = weights.shape
+            F = n_features
+            table = params.float().view(-1, F)
+            vals = _gather_rows(table, rows.view(-1)).view(L * P, 8, F)
+            o = torch.bmm(weights.view(L * P, 1, 8), vals).view(L, P, F)
+        ctx.save_for_backward(rows, weights)
+        ctx.n_features, ctx.n_entries = F, table.shape[0]
+        ctx.params_shape, ctx.params_dtype = params.shape, params.dtype
+        return o.transpose(0, 1).reshape(P, L * F)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, weights = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        F = ctx.n_features
+        L, P, _ = weights.shape
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            g = grad_out.float().view(P, L, F).transpose(0, 1).reshape(L * P, 1, F)
+            src = torch.bmm(weights.view(L * P, 8, 1), g).view(-1, F)     # (L*P*8, F)
+            gtab = torch.zeros(ctx.n_entries, F, device=grad_out.device, dtype=torch.float32)
+            if F == 2:  # one complex64 add per row, as in _HashGridFunction
+                gtab.view(torch.complex64).view(-1).index_add_(0, rows.view(-1), torch.view_as_complex(src))
+            else:
+                gtab.index_add_(0, rows.view(-1), src)
+        return gtab.view(ctx.params_shape).to(ctx.params_dtype), None, None, None
+
+
+def make_plan(grid: "HashGrid", x: torch.Tensor) -> HashGridPlan:
+    """Corner rows and weights of points ``x`` (P, 3) in [0, 1]^3 for ``grid`` (the same numbers its
+    forward computes, so a planned evaluation equals ``grid(x)``)."""
+    with torch.no_grad():
+        xt = _positions_t(x.reshape(-1, 3).float(), grid.fma_emulation)
+        rows, weights = [], []
+        for lv in grid._levels:
+            idx, w = _level_corners(xt, lv)
+            rows.append((idx + lv["offset"]).t().to(torch.int32))
+            weights.append(w.t())
+        return HashGridPlan(torch.stack(rows).contiguous(), torch.stack(weights).contiguous())
+
+
+def planned_forward(grid: "HashGrid", plan: HashGridPlan) -> torch.Tensor:
+    """``grid(x)`` at the points ``plan`` was made for: (P, levels * F) fp32."""
+    return _PlannedHashGridFunction.apply(grid.params, plan.rows, plan.weights, grid.n_features)

@@ -77,15 +77,9 @@ class Reconstruction:
             return ctx.gather_rows(part, len(idx_all))
         reader = BatchReader(data, self.train_box)
         out = np.empty((len(idx_all), self.zdim), np.float32)
-        cfg = self.model.cfg
         for s in range(0, len(idx_all), batch_size):
-            b = reader(idx_all[s:s + batch_size])
-            x = b["images"].to(self.device) / cfg.data_scale
-            if cfg.pose_mode == "given":
-                rot, shift = b["rot"].to(self.device), b["shift"].to(self.device)
-            else:  # the encoder saw images centred (and derotated) with the predicted pose in training
-                rot, shift = self.model.orient_encoder(x)
-            mu, _ = self.model.encode(x, shift, rot)
+            b = {k: v.to(self.device) for k, v in reader(idx_all[s:s + batch_size]).items()}
+            mu = self.model.latent_means(b["images"], b.get("rot"), b.get("shift"))
             out[s:s + len(mu)] = mu.float().cpu().numpy()
         return out
 
@@ -99,6 +93,17 @@ class Reconstruction:
             return np.repeat(vol[None], n, axis=0)
         zz = torch.as_tensor(np.asarray(z, np.float32).reshape(-1, self.zdim), device=self.device)
         return np.stack([self.model.volume(zi, box).cpu().numpy() for zi in zz])
+
+    def occupancy_mask(self, box: int | None = None) -> np.ndarray | None:
+        """1 where the model has density at all (occupied cells of its occupancy grid inside the training
+        sphere), 0 elsewhere, on a ``box``^3 grid; None when it renders the whole sphere."""
+        occ = getattr(self.model, "occupancy", None)
+        if occ is None or int(occ.estimates) == 0:
+            return None
+        box = box or self.train_box
+        mask = np.zeros(box ** 3, np.float32)
+        mask[self.model._lattice(box)["voxels"].cpu().numpy()] = 1.0
+        return mask.reshape(box, box, box)
 
     @torch.no_grad()
     def attention_maps(self, z: np.ndarray | None, box: int | None = None) -> np.ndarray:

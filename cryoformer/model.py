@@ -15,9 +15,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .decoder import SpatialDensityHead, StructureDecoder
 from .encoders import DeformationEncoder, OrientationEncoder
-from .hashgrid import HashGrid
-from .lattice import image_plane_points, translate_images, volume_points
-from .render import corrupt, rotated_points
+from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_forward
+from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
+from .memory import points_per_chunk
+from .occupancy import OccupancyGrid, cell_means
+from .render import corrupt, project_volumes, rotated_points
 
 
 class ModelConfig(BaseModel):
@@ -45,7 +47,11 @@ class ModelConfig(BaseModel):
     spatial_hidden: int = 16
     pose_mode: Literal["given", "refine", "predict"] = "given"
     pose_aware_encoder: bool = Field(True, description="deformation encoder sees in-plane-derotated images and the view")
-    chunk_points: int = 1 << 18
+    render: Literal["canonical", "rotated"] = Field(
+        "canonical", description="canonical: the field is evaluated once per step at the voxel grid and each "
+        "image's voxel map is projected (trilinear); rotated: the field at each image's rotated grid (the paper)")
+    occupancy_cells: int = Field(0, ge=0, description="occupancy grid cells per axis (0 = off: the whole sphere)")
+    chunk_points: int | None = Field(None, ge=1, description="points per chunk; None = from the free memory")
     data_scale: float = 1.0
 
 
@@ -64,6 +70,11 @@ def resolve_hash_scale(cfg: ModelConfig) -> float:
     return float((cfg.box / cfg.hash_base) ** (1.0 / (cfg.hash_levels - 1)))
 
 
+# the hash-grid corners of the canonical lattice are kept between steps up to this size (about 1 KB a
+# point: a box-128 sphere of 1.1 M points would not be kept, its occupied 15 % would)
+PLAN_BYTES = 512 << 20
+
+
 class CryoFormer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,9 +90,12 @@ class CryoFormer(nn.Module):
             self.token_head = nn.Linear(cfg.zdim, cfg.tokens * cfg.channels)
         if cfg.pose_mode != "given":
             self.orient_encoder = OrientationEncoder(d, cfg.enc_dim, cfg.enc_layers)
+        if cfg.occupancy_cells:
+            self.occupancy = OccupancyGrid(cfg.occupancy_cells)
         pts, pix = image_plane_points(d)
         self.register_buffer("points", pts, persistent=False)
         self.register_buffer("pixels", pix, persistent=False)
+        self._lattices: dict = {}   # per (box, occupancy state): lattices the renderer reuses every step
 
     # ---------------------------------------------------------------- conformation
     def encode(self, images: torch.Tensor, shift_px: torch.Tensor | None = None, rot: torch.Tensor | None = None):
@@ -94,6 +108,14 @@ class CryoFormer(nn.Module):
         x = translate_images(images, shift_px) if shift_px is not None else images
         return self.def_encoder(x, None if rot is None else rot.detach())
 
+    def latent_means(self, images: torch.Tensor, rot: torch.Tensor | None, shift_px: torch.Tensor | None):
+        """Posterior-mean latents (B, zdim) of recorded images with their consensus poses, or the
+        orientation encoder's poses in 'refine'/'predict' modes (as the encoder saw them in training)."""
+        x = images / self.cfg.data_scale
+        if self.cfg.pose_mode != "given" or rot is None:
+            rot, shift_px = self.orient_encoder(x)
+        return self.encode(x, shift_px, rot)[0]
+
     def tokens_from_latent(self, z: torch.Tensor | None, batch: int) -> torch.Tensor:
         f_d = None
         if z is not None and self.cfg.zdim > 0:
@@ -101,36 +123,124 @@ class CryoFormer(nn.Module):
         return self.decoder(f_d, batch if z is None else z.shape[0])
 
     # ---------------------------------------------------------------- field
-    def density(self, world_pts: torch.Tensor, kv, return_attention: bool = False):
-        """Density (B, P) at volume-frame points (B, P, 3) in training-box pixels."""
-        b, p, _ = world_pts.shape
-        x01 = world_pts.reshape(-1, 3).float() / self.cfg.box + 0.5
-        feats = self.grid(x01).view(b, p, -1)
-        return self.head(feats, kv, return_attention)
+    def field_query(self, pts: torch.Tensor, plan: HashGridPlan | None = None) -> tuple[torch.Tensor, ...]:
+        """Position-only part of the field at points (..., P, 3) in training-box pixels (``plan``: the
+        hash grid's corners of these points, when they were computed before)."""
+        if plan is not None:
+            feats = planned_forward(self.grid, plan)
+        else:
+            feats = self.grid(pts.float() / self.cfg.box + 0.5)
+        return self.head.spatial_query(feats)
 
-    def render(self, tokens: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """Centred projections (B, D, D) of the conformations ``tokens`` in poses ``rot``."""
-        b, d = tokens.shape[0], self.cfg.box
-        kv = self.head.keys_values(tokens)
-        out = torch.zeros(b, d * d, device=tokens.device, dtype=torch.float32)
-        n = self.points.shape[0]
-        step = max(1, self.cfg.chunk_points // b)
+    def density(self, pts: torch.Tensor, kv, return_attention: bool = False, plan: HashGridPlan | None = None):
+        """Density (B, P) at volume-frame points in training-box pixels: (P, 3) shared by the B
+        conformations of ``kv``, or (B, P, 3) one set per conformation."""
+        return self.head.attend(self.field_query(pts, plan), kv, return_attention)
+
+    def _chunk(self, batch: int) -> int:
+        if self.cfg.chunk_points is not None:
+            return max(1, self.cfg.chunk_points // max(batch, 1))
+        return points_per_chunk(self.cfg.attention, self.cfg.tokens, self.cfg.channels, batch, self.points.device)
+
+    def evaluate(self, pts: torch.Tensor, kv, plan: HashGridPlan | None = None) -> torch.Tensor:
+        """:meth:`density` in one piece when its activations fit in memory, else in chunks whose
+        activations are recomputed in the backward (training) or not kept at all (inference)."""
+        b, n = kv[0].shape[0], pts.shape[-2]
+        step = self._chunk(b)
+        if n <= step:
+            return self.density(pts, kv, plan=plan)
+        grad = self.training and torch.is_grad_enabled()
+        shared = pts.dim() == 2 and self.cfg.attention == "point"
+        query = self.field_query(pts, plan) if shared else None   # position-only work once, not per chunk
+        parts = []
         for s in range(0, n, step):
-            pts = self.points[s:s + step]
-            pix = self.pixels[s:s + step]
-            world = rotated_points(pts, rot.float())
-            # every chunk but the last is recomputed in the backward instead of kept: activations of a
-            # D=128 batch would not fit otherwise; the last one is needed right away anyway
-            if self.training and torch.is_grad_enabled() and s + step < n:
-                dens = checkpoint(self.density, world, kv, use_reentrant=False)
+            if shared:
+                fn, args = self.head.attend, (tuple(t[s:s + step] for t in query), kv)
             else:
-                dens = self.density(world, kv)
-            out.index_add_(1, pix, dens.float())
-        return out.view(b, d, d)
+                fn, args = self.density, (pts[..., s:s + step, :], kv)
+            parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        return torch.cat(parts, dim=1)
+
+    # ---------------------------------------------------------------- lattices
+    def _lattice(self, box: int) -> dict[str, torch.Tensor]:
+        """Points of a ``box`` lattice the renderer uses, cached until the occupancy grid changes.
+
+        ``voxels``: flat ``V[z, y, x]`` indices of the voxels inside the sphere and in occupied cells, and
+        ``voxel_pts`` their positions in training-box pixels; ``image_pts``/``image_pix``: the image-plane
+        sphere lattice in ``box`` pixels and its pixel index."""
+        occ = getattr(self, "occupancy", None)
+        key = (box, self.points.device)
+        hit = self._lattices.get(key)
+        if hit is not None and hit["version"] == (None if occ is None else occ.version):
+            return hit
+        dev, scale = self.points.device, self.cfg.box / box
+        pts = volume_points(box, device=dev) * scale
+        keep = (pts * pts).sum(-1) <= (self.cfg.box / 2.0) ** 2
+        if occ is not None:
+            keep &= occ.lookup(pts, self.cfg.box)
+        vox = torch.nonzero(keep).squeeze(1)
+        if self.cfg.render == "canonical":  # every lattice point whose trilinear support reaches the sphere
+            img_pts, img_pix = image_plane_points(box, radius=box / 2.0 + 2.0, device=dev)
+        else:
+            img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
+        hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
+               "version": None if occ is None else occ.version, "plan": None}
+        if self.cfg.render == "canonical" and not self.grid.uses_tcnn(pts) \
+                and plan_bytes(len(vox), self.grid.n_levels) <= PLAN_BYTES:
+            hit["plan"] = make_plan(self.grid, pts[vox] / self.cfg.box + 0.5)
+        self._lattices[key] = hit
+        return hit
+
+    # ---------------------------------------------------------------- rendering
+    def render(self, tokens: torch.Tensor, rot: torch.Tensor, box: int | None = None) -> torch.Tensor:
+        """Centred projections (B, box, box) of the conformations ``tokens`` in poses ``rot``."""
+        box = box or self.cfg.box
+        kv = self.head.keys_values(tokens)
+        lat = self._lattice(box)
+        if self.cfg.render == "canonical":
+            return self._render_canonical(kv, rot, box, lat)
+        return self._render_rotated(kv, rot, box, lat)
+
+    def _render_canonical(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
+        """Each conformation's voxel map from one evaluation of the position-only network, then projected.
+
+        In training the voxel grid is moved by a random sub-voxel offset every step (the same for all
+        images of the step). Sampled at the voxel centres only, the field would be trained only there: it
+        could do anything in between, and a map at another box would show it (FSC against the truth
+        collapsed beyond the training box's resolution, measured). Jittered, it is trained everywhere, as
+        in the rotated form, while the network still runs once per step and point."""
+        b = kv[0].shape[0]
+        pts, plan, offset = lat["voxel_pts"], lat["plan"], None
+        if self.training and torch.is_grad_enabled():
+            offset = torch.rand(3, device=pts.device) - 0.5                     # voxels of ``box``
+            pts, plan = pts + offset * (self.cfg.box / box), None
+        dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
+        vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
+        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset)
+
+    def _render_rotated(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
+        """The paper's form: the field at each image's rotated lattice, summed along z."""
+        b = kv[0].shape[0]
+        world = rotated_points(lat["image_pts"], rot) * (self.cfg.box / box)   # training-box pixels
+        out = torch.zeros(b, box * box, device=world.device, dtype=torch.float32)
+        occ = getattr(self, "occupancy", None)
+        if occ is None or occ.is_full:
+            return out.index_add_(1, lat["image_pix"], self.evaluate(world, kv).float()).view(b, box, box)
+        keep = occ.lookup(world, self.cfg.box)                                  # skip empty cells
+        rows = []
+        for i in range(b):
+            sel = torch.nonzero(keep[i]).squeeze(1)
+            kv_i = (kv[0][i:i + 1], kv[1][i:i + 1])
+            dens = self.evaluate(world[i, sel].unsqueeze(0), kv_i)[0].float()
+            rows.append(torch.zeros(box * box, device=world.device).index_add(0, lat["image_pix"][sel], dens))
+        return torch.stack(rows).view(b, box, box)
 
     # ---------------------------------------------------------------- training step
     def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None, rot: torch.Tensor | None,
-                shift_px: torch.Tensor | None, *, sample: bool = True) -> dict[str, torch.Tensor]:
+                shift_px: torch.Tensor | None, *, sample: bool = True, eps: torch.Tensor | None = None,
+                box: int | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of a minibatch. ``box`` < the training box renders and compares at that box (the
+        coarse stage of a coarse-to-fine schedule); the encoders always see the training box."""
         cfg = self.cfg
         x = images / cfg.data_scale
         out: dict[str, torch.Tensor] = {}
@@ -146,13 +256,22 @@ class CryoFormer(nn.Module):
         mu, logvar = self.encode(x, shift_px, rot)
         z = None
         if mu is not None:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+            if sample:
+                z = mu + (torch.randn_like(mu) if eps is None else eps.to(mu)) * torch.exp(0.5 * logvar)
+            else:
+                z = mu
             out["kl"] = (-0.5 * (1 + logvar - mu * mu - logvar.exp()).sum(-1)).mean()
             out["mu"] = mu
+        box = box or cfg.box
+        target, pixel_size, shift = x, cfg.pixel_size_A, shift_px
+        if box != cfg.box:
+            target = fourier_crop(x, box)
+            pixel_size = cfg.pixel_size_A * cfg.box / box
+            shift = None if shift_px is None else shift_px * (box / cfg.box)
         tokens = self.tokens_from_latent(z, x.shape[0])
-        proj = self.render(tokens, rot)
-        pred = corrupt(proj, cfg.pixel_size_A, shift_px, ctf_params)
-        out["mse"] = ((pred - x.float()) ** 2).mean()
+        proj = self.render(tokens, rot, box)
+        pred = corrupt(proj, pixel_size, shift, ctf_params)
+        out["mse"] = ((pred - target.float()) ** 2).mean()
         out["pred"] = pred
         return out
 
@@ -162,27 +281,49 @@ class CryoFormer(nn.Module):
         """Density on a ``box``^3 grid (default: training box) at latent ``z`` (zdim,) or None.
 
         The field is continuous, so any box samples the same particle extent; voxels outside the
-        training sphere are set to zero because the field was never constrained there.
+        training sphere, and in cells of the occupancy grid, are 0: the field was never trained there.
         """
         box = box or self.cfg.box
-        scale = self.cfg.box / box
-        pts = volume_points(box, device=self.points.device) * scale
-        inside = (pts * pts).sum(-1) <= (self.cfg.box / 2.0) ** 2
+        lat = self._lattice(box)
         tokens = self.tokens_from_latent(None if z is None else z.view(1, -1), 1)
         kv = self.head.keys_values(tokens)
-        vol = torch.zeros(box ** 3, device=pts.device)
-        att = torch.zeros(box ** 3, self.cfg.tokens, device=pts.device) if attention else None
-        idx = torch.nonzero(inside).squeeze(1)
-        step = max(1, self.cfg.chunk_points // 4)
-        for s in range(0, len(idx), step):
-            sel = idx[s:s + step]
-            res = self.density(pts[sel].unsqueeze(0), kv, return_attention=attention)
-            if attention:
-                vol[sel] = res[0][0].float()
-                att[sel] = res[1][0].float()
-            else:
-                vol[sel] = res[0].float()
-        vol = vol.view(box, box, box) * self.cfg.data_scale
-        if attention:
-            return vol, att.T.reshape(self.cfg.tokens, box, box, box)
-        return vol
+        vol = torch.zeros(box ** 3, device=self.points.device)
+        if not attention:
+            vol[lat["voxels"]] = self.evaluate(lat["voxel_pts"], kv, lat["plan"])[0].float()
+            return vol.view(box, box, box) * self.cfg.data_scale
+        att = torch.zeros(box ** 3, self.cfg.tokens, device=vol.device)
+        step = self._chunk(1)
+        for s in range(0, len(lat["voxels"]), step):
+            sel = lat["voxels"][s:s + step]
+            dens, a = self.density(lat["voxel_pts"][s:s + step], kv, return_attention=True)
+            vol[sel], att[sel] = dens[0].float(), a[0].float()
+        return vol.view(box, box, box) * self.cfg.data_scale, att.T.reshape(self.cfg.tokens, box, box, box)
+
+    # ---------------------------------------------------------------- occupancy
+    @torch.no_grad()
+    def estimate_occupancy(self, z: torch.Tensor | None, threshold: float, margin: int, stride: int = 2) -> float:
+        """Re-estimate the occupancy grid from the field: the union over the latents ``z`` (K, zdim) of the
+        cells whose mean |density| exceeds ``threshold`` x the largest, grown by ``margin`` cells.
+
+        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel), so a
+        cell that was empty can only come back through the margin of a neighbour with density.
+        Returns the occupied fraction of the training sphere."""
+        occ = self.occupancy
+        was_training = self.training
+        self.eval()
+        box = self.cfg.box
+        lat = self._lattice(box)
+        pts = lat["voxel_pts"]
+        vox = lat["voxels"]
+        if stride > 1:
+            sub = ((pts + box // 2).long() % stride == 0).all(-1)
+            pts, vox = pts[sub], vox[sub]
+        zs = [None] if z is None or self.cfg.zdim == 0 else list(z)
+        best = torch.zeros(occ.cells ** 3, device=pts.device)
+        for zi in zs:
+            tokens = self.tokens_from_latent(None if zi is None else zi.view(1, -1), 1)
+            dens = self.evaluate(pts, self.head.keys_values(tokens)).float()
+            best = torch.maximum(best, cell_means(dens, box, occ, vox)[0].abs())
+        occ.update(best.view((occ.cells,) * 3), threshold, margin)
+        self.train(was_training)
+        return occ.sphere_fraction(box)

@@ -30,22 +30,41 @@ def corrupt(projections: torch.Tensor, pixel_size_A: float, shift_px: torch.Tens
 
 
 def rotated_points(points: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Image-frame points (P, 3) -> volume-frame points (B, P, 3): ``r @ rot`` (see poses.py)."""
-    return torch.matmul(points.unsqueeze(0), rot)
+    """Image-frame points (P, 3) -> volume-frame points (B, P, 3): ``r @ rot`` (see poses.py).
+
+    Always fp32, also under autocast: a bf16 coordinate is off by up to 0.5 px at box 256."""
+    with torch.autocast(points.device.type, enabled=False):
+        return torch.matmul(points.float().unsqueeze(0), rot.float())
+
+
+def project_volumes(volumes: torch.Tensor, rot: torch.Tensor, points: torch.Tensor | None = None,
+                    pixels: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Line integrals along the image z axis of maps ``V[z, y, x]`` (B or 1, D, D, D) in poses ``rot`` (B, 3, 3).
+
+    The maps are sampled trilinearly at the rotated image-plane lattice ``points`` (P, 3) (voxel units;
+    default: the whole D^3 cube) and summed into their image pixels ``pixels`` (P,). Restricting the
+    lattice to the inscribed sphere halves the work and changes nothing where the maps vanish outside it.
+    ``offset`` (3,) voxels: the maps' voxel ``i`` holds the density at ``x_i + offset`` (a jittered grid).
+    """
+    b, box = rot.shape[0], volumes.shape[-1]
+    if points is None:
+        points = volume_points(box, device=volumes.device)
+        pixels = torch.arange(box * box, device=volumes.device).repeat(box)
+    world = rotated_points(points, rot)                                      # (B, P, 3) voxel units
+    if offset is not None:
+        world = world - offset.float()
+    # grid_sample uses align_corners=True coordinates in [-1, 1] over the index range 0..D-1
+    grid = (world + box // 2) * (2.0 / (box - 1)) - 1.0
+    vol = volumes.reshape(-1, 1, box, box, box).float().expand(b, -1, -1, -1, -1)
+    samples = F.grid_sample(vol, grid.view(b, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros",
+                            align_corners=True).view(b, -1)
+    out = torch.zeros(b, box * box, device=volumes.device, dtype=samples.dtype)
+    return out.index_add_(1, pixels, samples).view(b, box, box)
 
 
 def project_volume(volume: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Line integrals of a voxel map ``V[z, y, x]`` along the image z axis for each ``rot`` (B, 3, 3).
+    """Line integrals of one voxel map ``V[z, y, x]`` along the image z axis for each ``rot`` (B, 3, 3).
 
-    Trilinear sampling of the map at the rotated grid, summed over z, which is exactly the
-    projection the neural field is rendered with.
-    """
-    box = volume.shape[-1]
-    pts = volume_points(box, device=volume.device).to(volume.dtype)
-    world = rotated_points(pts, rot.to(volume.dtype))                      # (B, P, 3) voxel units
-    # grid_sample uses align_corners=True coordinates in [-1, 1] over the index range 0..D-1
-    grid = (world + box // 2) / (box - 1) * 2.0 - 1.0
-    vol = volume.reshape(1, 1, box, box, box).expand(rot.shape[0], -1, -1, -1, -1)
-    samples = F.grid_sample(vol, grid.view(rot.shape[0], box, box, box, 3), mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
-    return samples[:, 0].sum(1)
+    Trilinear sampling of the map at the rotated grid, summed over z: the projection the simulator is
+    checked with against ``relion_project``, and the one the canonical renderer uses."""
+    return project_volumes(volume.unsqueeze(0), rot.to(volume.dtype))

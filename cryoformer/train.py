@@ -49,6 +49,16 @@ class TrainConfig(BaseModel):
     amp: bool = True
     log_interval_s: float = Field(10.0, gt=0)
     prefetch: int = Field(2, ge=0, description="minibatches read ahead in a background thread")
+    occupancy_threshold: float = Field(
+        0.05, ge=0, lt=1, description="a cell is occupied when its mean |density| exceeds this fraction of the "
+        "largest cell's, for any of the latents looked at")
+    occupancy_margin: int = Field(1, ge=0, description="occupied cells are grown by this many cells")
+    occupancy_warmup: int = Field(1000, ge=0, description="images trained on before the first estimate of the "
+                                  "occupancy grid (at the latest: the end of the first epoch); until then the "
+                                  "whole sphere is rendered, at half the training box")
+    occupancy_refresh: int = Field(10000, ge=1, description="images between estimates of the occupancy grid")
+    occupancy_latents: int = Field(64, ge=1, description="particles whose latents the occupancy grid covers")
+    coarse_epochs: int = Field(0, ge=0, description="first epochs rendered and compared at half the training box")
 
 
 class BatchReader:
@@ -152,6 +162,43 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise RuntimeError(f"{path}: cannot read checkpoint ({err})") from None
 
 
+def coarse_box(box: int) -> int:
+    """The box of the coarse stage of a coarse-to-fine schedule: half the training box, even, >= 8."""
+    return max(8, box // 4 * 2)
+
+
+def stage_box(box: int, coarse: bool, occupancy) -> int:
+    """The box a step renders at: half the training box in the coarse epochs, and while the occupancy grid
+    has not been estimated yet (the whole sphere is rendered then, which at the full box would cost as
+    much as several epochs of the occupied cells)."""
+    warming_up = occupancy is not None and int(occupancy.estimates) == 0
+    return coarse_box(box) if coarse or warming_up else box
+
+
+def occupancy_due(cfg: TrainConfig, n: int, before: int, after: int) -> bool:
+    """Whether an occupancy estimate falls between ``before`` and ``after`` images trained (a pure
+    function of the image count, so a resumed run estimates exactly where the uninterrupted one did)."""
+    first = min(cfg.occupancy_warmup, n)
+    if after < first:
+        return False
+    if before < first:
+        return True
+    return (after - first) // cfg.occupancy_refresh > (before - first) // cfg.occupancy_refresh
+
+
+def refresh_occupancy(model: CryoFormer, reader: "BatchReader", n: int, cfg: TrainConfig, device: torch.device) -> float:
+    """Estimate the occupancy grid over the latents of a seeded sample of particles; returns the occupied
+    fraction of the training sphere. Uses no global RNG state, so it does not change the training noise."""
+    rng = np.random.default_rng([cfg.seed, 0x0CC, int(model.occupancy.estimates)])
+    idx = np.sort(rng.choice(n, size=min(cfg.occupancy_latents, n), replace=False))
+    z = None
+    if model.cfg.zdim > 0:
+        b = {k: v.to(device) for k, v in reader(idx).items()}
+        with torch.no_grad():
+            z = model.latent_means(b["images"], b.get("rot"), b.get("shift"))
+    return model.estimate_occupancy(z, cfg.occupancy_threshold, cfg.occupancy_margin)
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -213,9 +260,11 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     t_start, done_imgs, last_log = time.time(), 0, 0.0
     total_imgs = (cfg.epochs - start_epoch) * n
     model.train()
+    occupancy = getattr(model, "occupancy", None)
     for epoch in range(start_epoch, cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         pose_w = cfg.pose_weight * 0.5 ** epoch
+        coarse = epoch < cfg.coarse_epochs
         loss_sum, count, t_epoch = 0.0, 0, time.time()
         chunks = None
         if ctx is not None:  # this rank's rows of every global batch (see cryoformer.distributed)
@@ -229,7 +278,8 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             noise = contextlib.nullcontext() if ctx is None else ctx.global_noise(shares[step][0],
                                                                                  len(global_batches[step]))
             with noise, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"))
+                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"),
+                          box=stage_box(model_cfg.box, coarse, occupancy))
             loss = out["mse"]
             if "kl" in out:
                 loss = loss + kl_w * out["kl"]
@@ -245,6 +295,13 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             loss_sum += float(out["mse"].detach()) * bs
             count += bs
             done_imgs += bs if ctx is None else len(global_batches[step])
+            seen = epoch * n + step * cfg.batch_size
+            if occupancy is not None and occupancy_due(cfg, n, seen, min(seen + cfg.batch_size, (epoch + 1) * n)):
+                frac = refresh_occupancy(model, reader, n, cfg, device)
+                if ctx is not None:  # rank 0's grid for all: the ranks must render the same points
+                    ctx.broadcast_(occupancy.occupied)
+                    occupancy.version += 1
+                log(f"occupancy grid estimated ({int(occupancy.estimates)}): {frac:.1%} of the sphere is rendered")
             if step_hook is not None:
                 step_hook(epoch, step)
             now = time.time()

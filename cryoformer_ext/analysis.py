@@ -45,7 +45,7 @@ PC_PERCENTILES = (5.0, 95.0)
 class MapRecord(BaseModel):
     name: str
     path: Path
-    kind: Literal["consensus", "kmeans", "pc", "flexibility", "attention"]
+    kind: Literal["consensus", "kmeans", "pc", "flexibility", "attention", "mask"]
     index: int | None = None  # k-means class (0-based) or step in a PC series (0-based); PC number in `pc`
     latent: list[float] | None = None  # latent the map was decoded at (None: flexibility / homogeneous)
     pc: int | None = None  # 1-based principal component of a "pc" map
@@ -147,7 +147,7 @@ def _corr_matrix(rows: np.ndarray) -> np.ndarray:
     return np.clip(x @ x.T, -1.0, 1.0)
 
 
-_OWNED_PATTERNS = ("consensus.mrc", "flexibility.mrc", "attention_*.mrc", "kmeans/class_*.mrc", "kmeans/*.npy",
+_OWNED_PATTERNS = ("consensus.mrc", "flexibility.mrc", "occupancy_mask.mrc", "attention_*.mrc", "kmeans/class_*.mrc", "kmeans/*.npy",
                    "kmeans/*.txt", "pc*/pc*_*.mrc", "plots/*.png", "pca_coords.npy", "umap.npy",
                    "kmeans_labels.txt", "flexibility_latents.txt")
 
@@ -437,6 +437,8 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
 
     _remove_stale(out_dir, set(written) | {(out_dir / "summary.json").resolve(), (out_dir / "report.txt").resolve()}, log)
 
+    occ_info = _write_occupancy_mask(generator, box, add_map, log)
+
     # ---- summary and report -----------------------------------------------------------------------------
     timer.timings["total"] = time.perf_counter() - t_start
     summary_file = out_dir / "summary.json"
@@ -464,6 +466,7 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         "umap": umap_info,
         "flexibility": flex_info,
         "attention": att_info,
+        "occupancy_mask": occ_info,
         "loss_history": [float(x) for x in loss_history] if loss_history else None,
         "maps": [{**m.model_dump(mode="json"), "path": relp(m.path)} for m in maps],
         "plots": [relp(p) for p in plot_files],
@@ -489,6 +492,22 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         summary_file=summary_file.resolve(), report_file=report_file.resolve(),
         timings_s=dict(timer.timings),
     )
+
+
+def _write_occupancy_mask(generator, box: int, add_map, log) -> dict[str, Any] | None:
+    """``occupancy_mask.mrc``: where the model renders density at all. It covers every conformation the
+    particles showed (the occupancy grid is a union over many particles' latents, grown by a margin), so
+    it is a safe solvent mask for RELION: soften its edge with ``relion_mask_create --i occupancy_mask.mrc
+    --ini_threshold 0.5 --width_soft_edge 6``."""
+    mask = generator.occupancy_mask(box) if hasattr(generator, "occupancy_mask") else None
+    if mask is None:
+        return None
+    add_map("occupancy_mask", "occupancy_mask.mrc", "mask", np.asarray(mask, np.float32))
+    frac = float(np.mean(mask))
+    log(f"analysis: wrote occupancy_mask.mrc ({frac:.1%} of the box)")
+    return {"file": "occupancy_mask.mrc", "fraction_of_box": frac,
+            "meaning": "1 where the model renders density (occupied cells of its occupancy grid inside the "
+                       "training sphere), 0 elsewhere"}
 
 
 def _json_default(o):

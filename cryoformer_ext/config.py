@@ -32,6 +32,15 @@ class JobConfig(BaseModel):
     enc_layers: int = Field(10, ge=1, description="hidden layers of the image encoders")
     enc_dim: int = Field(128, ge=8, description="width of the image encoders")
     hash_scale: float | None = Field(None, ge=1.0, description="hash-grid per-level scale (default: finest level = training box; 1.5 = paper/tcnn config)")
+    render: Literal["canonical", "rotated"] = Field(
+        "canonical", description="canonical = field evaluated once per step on the voxel grid, each image's map "
+        "projected; rotated = field at each image's rotated grid (the paper's form, slower)")
+    occupancy: bool = Field(True, description="render only occupied cells of a coarse grid (4 px cells) "
+                            "estimated from the field; 0 elsewhere")
+    occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
+    occupancy_refresh: int = Field(10000, ge=1, description="images between re-estimates of the occupancy grid "
+                                   "(first one after 2000 images or the first epoch)")
+    coarse_epochs: int = Field(0, ge=0, description="first epochs trained at half the training box (coarse-to-fine)")
     kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")
     pc_steps: int = Field(10, ge=2, description="maps per principal-component series")

@@ -32,6 +32,7 @@ LATENTS_FILE = "latents.npy"
 CONFIG_FILE = "job_config.json"
 ANALYSIS_DIR = "analysis"
 LOSS_FILE = "loss_history.json"
+OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels
 
 
 class JobAborted(RuntimeError):
@@ -71,13 +72,20 @@ def training_box(config: JobConfig, box: int) -> int:
     return tb
 
 
+def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                       device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
+                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=config.coarse_epochs)
+
+
 def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -> ModelConfig:
     tb = training_box(config, data.box)
     return ModelConfig(
         box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,
         channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
         enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
-        hash_scale=config.hash_scale)
+        hash_scale=config.hash_scale, render=config.render,
+        occupancy_cells=max(1, tb // OCCUPANCY_CELL_PX) if config.occupancy else 0)
 
 
 def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *,
@@ -132,8 +140,7 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
         atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
     scale = estimate_data_scale(data, training_box(config, data.box), seed=config.seed)
     model_cfg = model_config_for(data, config, scale)
-    train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                            device=str(device), amp=config.amp)
+    train_cfg = train_config_for(config, device)
     try:
         model, history = train(data, model_cfg, train_cfg, out_dir / CHECKPOINT_DIR, log=log,
                                should_abort=should_abort)

@@ -11,7 +11,7 @@ from cryoformer.data import CTFParams
 from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.poses import random_rotations
 from cryoformer.render import corrupt, project_volume
-from cryoformer.simulate import analytic_projection, true_volume
+from cryoformer.simulate import analytic_projection, blob_model, true_volume
 from cryoformer_ext.outputs import write_mrc
 from cryoformer_ext.star_io import write_simulated_star
 
@@ -59,27 +59,44 @@ def test_voxel_projection_matches_relion_project(relion_case):
     assert np.mean([_corr(wrong[i], images[i]) for i in range(N)]) < 0.9
 
 
+def _analytic_field(t: float):
+    """The simulator's continuous map of conformation ``t`` as the model's field: density at any points."""
+    cen, amp, sig = blob_model(t, BOX)
+    cen_t = torch.as_tensor(cen, dtype=torch.float32)
+
+    def density(pts, kv, return_attention=False, plan=None):
+        d2 = ((pts.unsqueeze(-2) - cen_t) ** 2).sum(-1)                       # (..., P, K)
+        dens = (torch.as_tensor(amp, dtype=torch.float32) * torch.exp(-d2 / (2 * sig * sig))).sum(-1)
+        return dens.expand(kv[0].shape[0], -1) if dens.dim() == 1 else dens
+    return density
+
+
 @pytest.mark.relion
-def test_model_render_path_matches_relion_project(relion_case):
-    """The neural renderer's own path (sphere lattice, rotation, scatter along z, shift, CTF) with the
-    field replaced by trilinear sampling of the known map reproduces relion_project."""
+@pytest.mark.parametrize("render", ["canonical", "rotated"])
+@pytest.mark.parametrize("occupancy", [False, True])
+def test_model_render_paths_match_relion_project(relion_case, render, occupancy):
+    """The neural renderer's own paths (lattices, rotation, occupancy skipping, projection, shift, CTF) with
+    the field replaced by the simulator's continuous map reproduce relion_project of that map.
+
+    ``canonical`` samples the field at the voxel grid and projects each image's map trilinearly;
+    ``rotated`` samples it at each image's rotated lattice (the paper). Both are compared with the exact
+    line integrals too, which is what the canonical form costs in accuracy."""
     vol, rot, shift, ctf, images = relion_case
     model = CryoFormer(ModelConfig(box=BOX, pixel_size_A=APIX, zdim=0, tokens=4, channels=8, heads=1,
-                                   enc_layers=1, enc_dim=8))
-    v = torch.as_tensor(vol).view(1, 1, BOX, BOX, BOX)
-
-    def density(world, kv, return_attention=False):
-        grid = (world + BOX // 2) / (BOX - 1) * 2 - 1
-        s = torch.nn.functional.grid_sample(v.expand(world.shape[0], -1, -1, -1, -1), grid.view(world.shape[0], 1, 1, -1, 3),
-                                            align_corners=True)
-        return s.view(world.shape[0], -1)
-
-    model.density = density
-    tokens = torch.zeros(N, 4, 8)
-    proj = model.render(tokens, torch.as_tensor(rot, dtype=torch.float32))
+                                   enc_layers=1, enc_dim=8, render=render, occupancy_cells=BOX // 4 if occupancy else 0))
+    if occupancy:
+        frac = model.occupancy.set_from_volumes([vol], threshold=0.05, margin=1)
+        assert frac < 0.6  # most of the sphere is skipped
+    model.density = _analytic_field(0.3)
+    rot_t = torch.as_tensor(rot, dtype=torch.float32)
+    proj = model.render(torch.zeros(N, 4, 8), rot_t)
     ours = corrupt(proj, APIX, torch.as_tensor(shift, dtype=torch.float32), torch.as_tensor(ctf.take(np.arange(N)))).numpy()
     corrs = [_corr(ours[i], images[i]) for i in range(N)]
     assert min(corrs) >= 0.99, corrs
+    exact = [_corr(proj[i].detach().numpy(), analytic_projection(0.3, rot[i], BOX)) for i in range(N)]
+    assert min(exact) >= 0.998, exact
+    ratio = proj.detach().numpy().sum(axis=(1, 2)) / np.array([analytic_projection(0.3, r, BOX).sum() for r in rot])
+    assert np.all(np.abs(ratio - 1) < 0.02), ratio
 
 
 def test_analytic_projection_matches_voxel_projection():

@@ -1,0 +1,118 @@
+"""Where the molecule can be: a coarse occupancy grid, as Instant-NGP's density bitfield.
+
+Rendering evaluates the network only in occupied cells and takes the density elsewhere to be 0. A
+molecule fills 10-30 % of the training sphere even over all its conformations (a simulated hinge: 12 %),
+so this is most of the cost of a training step; it is also a solvent mask: the field cannot fit noise
+where no particle has density.
+
+The grid lives in the normalised box ``[-1/2, 1/2)^3`` (``cells`` per axis), so one grid serves every
+box the field is sampled at (a coarse-to-fine schedule, maps at another box). It starts full and is
+estimated from the field itself (:meth:`CryoFormer.estimate_occupancy`): the union over many particles'
+latents of the cells whose mean density is not negligible, grown by a margin so that a domain that moves
+further than the particles seen so far is not cut. Cells just outside the molecule stay trainable
+through the margin, so a later refresh can grow the grid again where the field learns new density.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lattice import volume_points
+
+
+class OccupancyGrid(nn.Module):
+    """A boolean grid of ``cells``^3 over the box; part of the model's state (checkpoint, resume)."""
+
+    def __init__(self, cells: int):
+        super().__init__()
+        if cells < 1:
+            raise ValueError(f"occupancy grid needs at least one cell per axis, got {cells}")
+        self.cells = int(cells)
+        self.register_buffer("occupied", torch.ones((cells,) * 3, dtype=torch.bool))
+        self.register_buffer("estimates", torch.zeros((), dtype=torch.long))  # how often it was estimated
+        # changes whenever ``occupied`` may have: users of the grid cache what they derive from it
+        self.version = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: module._bump())
+
+    def _bump(self) -> None:
+        self.version += 1
+
+    @property
+    def is_full(self) -> bool:
+        return bool(self.occupied.all())
+
+    def cell_index(self, pts_px: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat cell index of points (..., 3) given as (x, y, z) pixels of a ``box`` grid, and whether the
+        point lies inside the grid at all (points outside are never occupied)."""
+        g = self.cells
+        u = torch.floor((pts_px.float() / box + 0.5) * g).long()
+        inside = ((u >= 0) & (u < g)).all(-1)
+        u = u.clamp(0, g - 1)
+        return (u[..., 2] * g + u[..., 1]) * g + u[..., 0], inside
+
+    def lookup(self, pts_px: torch.Tensor, box: int) -> torch.Tensor:
+        """Whether each point (..., 3) in ``box`` pixels lies in an occupied cell."""
+        idx, inside = self.cell_index(pts_px, box)
+        return self.occupied.view(-1)[idx] & inside
+
+    def voxel_mask(self, box: int) -> torch.Tensor:
+        """Occupied voxels of a ``box``^3 map, ``V[z, y, x]`` order (bool)."""
+        pts = volume_points(box, device=self.occupied.device)
+        return self.lookup(pts, box).view(box, box, box)
+
+    @torch.no_grad()
+    def update(self, cell_density: torch.Tensor, threshold: float, margin: int) -> float:
+        """Occupy the cells whose |density| exceeds ``threshold`` x its maximum, grown by ``margin`` cells.
+
+        ``cell_density`` (cells, cells, cells) is the largest |mean density| of each cell over the latents
+        looked at (cells never evaluated hold 0). Returns the occupied fraction of the grid."""
+        d = cell_density.abs().float()
+        peak = float(d.max())
+        keep = d > threshold * peak if peak > 0 else torch.ones_like(d, dtype=torch.bool)
+        self.occupied.copy_(dilate(keep, margin))
+        self.estimates += 1
+        self._bump()
+        return float(self.occupied.float().mean())
+
+    @torch.no_grad()
+    def set_from_volumes(self, volumes, threshold: float = 0.02, margin: int = 1) -> float:
+        """Occupancy of known maps (e.g. a simulation's true conformations, or a user's mask); returns the
+        occupied fraction of the training sphere's voxels."""
+        vols = [torch.as_tensor(v, dtype=torch.float32, device=self.occupied.device) for v in volumes]
+        box = vols[0].shape[-1]
+        cell = torch.stack([cell_means(v.view(1, -1), box, self) for v in vols]).abs().amax(0)
+        self.update(cell.view((self.cells,) * 3), threshold, margin)
+        return self.sphere_fraction(box)
+
+    def sphere_fraction(self, box: int) -> float:
+        """Occupied fraction of the voxels inside the inscribed sphere of a ``box`` grid."""
+        pts = volume_points(box, device=self.occupied.device)
+        inside = (pts * pts).sum(-1) <= (box / 2.0) ** 2
+        return float(self.lookup(pts[inside], box).float().mean())
+
+
+def dilate(mask: torch.Tensor, margin: int) -> torch.Tensor:
+    """Grow a boolean 3-D mask by ``margin`` cells (a cube structuring element)."""
+    if margin <= 0:
+        return mask.clone()
+    x = mask.float()[None, None]
+    return F.max_pool3d(x, 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
+
+
+def cell_means(values: torch.Tensor, box: int, grid: OccupancyGrid, voxels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` (K, P) over the voxels of each cell -> (K, cells^3).
+
+    ``voxels`` (P,) are the flat ``V[z, y, x]`` indices of ``box``^3 the values belong to (all when None);
+    averaging over a cell rather than taking its maximum keeps noise the field has fitted from
+    occupying empty cells."""
+    dev = values.device
+    pts = volume_points(box, device=dev)
+    if voxels is not None:
+        pts = pts[voxels]
+    idx, _ = grid.cell_index(pts, box)
+    n = grid.cells ** 3
+    sums = torch.zeros(values.shape[0], n, device=dev).index_add_(1, idx, values.float())
+    count = torch.zeros(n, device=dev).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    return sums / count.clamp_min(1)
