@@ -85,6 +85,28 @@ class StructureDecoder(nn.Module):
         return self.norm(t)
 
 
+def activation_bytes_per_point(mode: Literal["point", "literal"], tokens: int, channels: int, feat_dim: int,
+                               hidden: int, bytes_per_float: int = 4) -> int:
+    """Bytes of the forward tensors :class:`SpatialDensityHead` makes per point and image (fp32).
+
+    Point form: a few C-wide vectors and three N-wide ones (logits, softmax, its cast). Literal form:
+    F_S(x), the attention output and the FFN's two layers are N x C each, the logits, their scaled
+    copy and the softmax N x N each."""
+    base = feat_dim + 2 * hidden
+    if mode == "point":
+        floats = base + 7 * channels + 3 * tokens
+    else:
+        floats = base + 4 * tokens * channels + 3 * tokens * tokens + tokens
+    return floats * bytes_per_float
+
+
+def points_per_chunk(mode: Literal["point", "literal"], *, tokens: int, channels: int, batch: int,
+                     budget_bytes: int, feat_dim: int = 32, hidden: int = 16) -> int:
+    """Points per image in one chunk so that ``batch`` images' head activations fit ``budget_bytes``."""
+    per_point = activation_bytes_per_point(mode, tokens, channels, feat_dim, hidden)
+    return max(1, int(budget_bytes) // (max(1, batch) * per_point))
+
+
 class SpatialDensityHead(nn.Module):
     """Hash-grid features of points + per-image tokens T -> density at those points."""
 

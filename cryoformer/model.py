@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .decoder import SpatialDensityHead, StructureDecoder
+from .decoder import SpatialDensityHead, StructureDecoder, activation_bytes_per_point, points_per_chunk
 from .encoders import DeformationEncoder, OrientationEncoder
 from .hashgrid import HashGrid
 from .lattice import image_plane_points, translate_images, volume_points
@@ -101,6 +101,18 @@ class CryoFormer(nn.Module):
         return self.decoder(f_d, batch if z is None else z.shape[0])
 
     # ---------------------------------------------------------------- field
+    def points_per_chunk(self, batch: int) -> int:
+        """Points per image in one rendering chunk of ``batch`` images.
+
+        The budget is ``chunk_points`` points' worth of the point-query head's activations; the
+        literal head keeps N x N attention per point (2^30 elements at N = 64 if it got as many points),
+        so it gets proportionally fewer points."""
+        cfg = self.cfg
+        dims = dict(tokens=cfg.tokens, channels=cfg.channels, feat_dim=self.grid.n_output_dims,
+                    hidden=cfg.spatial_hidden)
+        budget = cfg.chunk_points * activation_bytes_per_point("point", **dims)
+        return points_per_chunk(cfg.attention, batch=batch, budget_bytes=budget, **dims)
+
     def density(self, world_pts: torch.Tensor, kv, return_attention: bool = False):
         """Density (B, P) at volume-frame points (B, P, 3) in training-box pixels."""
         b, p, _ = world_pts.shape
@@ -114,7 +126,7 @@ class CryoFormer(nn.Module):
         kv = self.head.keys_values(tokens)
         out = torch.zeros(b, d * d, device=tokens.device, dtype=torch.float32)
         n = self.points.shape[0]
-        step = max(1, self.cfg.chunk_points // b)
+        step = self.points_per_chunk(b)
         for s in range(0, n, step):
             pts = self.points[s:s + step]
             pix = self.pixels[s:s + step]
@@ -130,7 +142,10 @@ class CryoFormer(nn.Module):
 
     # ---------------------------------------------------------------- training step
     def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None, rot: torch.Tensor | None,
-                shift_px: torch.Tensor | None, *, sample: bool = True) -> dict[str, torch.Tensor]:
+                shift_px: torch.Tensor | None, *, sample: bool = True,
+                eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms of a minibatch. ``eps`` (B, zdim): the reparameterisation noise, drawn by the caller
+        (the trainer draws it for the whole global batch of a data-parallel step); None = drawn here."""
         cfg = self.cfg
         x = images / cfg.data_scale
         out: dict[str, torch.Tensor] = {}
@@ -146,7 +161,7 @@ class CryoFormer(nn.Module):
         mu, logvar = self.encode(x, shift_px, rot)
         z = None
         if mu is not None:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+            z = mu + (torch.randn_like(mu) if eps is None else eps) * torch.exp(0.5 * logvar) if sample else mu
             out["kl"] = (-0.5 * (1 + logvar - mu * mu - logvar.exp()).sum(-1)).mean()
             out["mu"] = mu
         tokens = self.tokens_from_latent(z, x.shape[0])
@@ -173,7 +188,7 @@ class CryoFormer(nn.Module):
         vol = torch.zeros(box ** 3, device=pts.device)
         att = torch.zeros(box ** 3, self.cfg.tokens, device=pts.device) if attention else None
         idx = torch.nonzero(inside).squeeze(1)
-        step = max(1, self.cfg.chunk_points // 4)
+        step = self.points_per_chunk(4)
         for s in range(0, len(idx), step):
             sel = idx[s:s + step]
             res = self.density(pts[sel].unsqueeze(0), kv, return_attention=attention)
