@@ -10,7 +10,6 @@ and by shape arithmetic for the rendering chunks. ``bench/gpu_check.py`` runs th
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 import threading
@@ -94,7 +93,7 @@ def test_cpu_training_with_gpus_present_neither_saves_nor_restores_cuda_rng(monk
     """A CPU job on a GPU machine: the checkpoint holds no CUDA state and Continue does not set one."""
     rng = _FakeCudaRng().install(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    data = _data()
+    data = _data(8)
     tcfg = TrainConfig(epochs=1, batch_size=8, seed=5, log_interval_s=1e9, prefetch=0)
     train(data, ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None)
     assert load_checkpoint(tmp_path / "last.pt")["cuda_rng"] is None
@@ -360,19 +359,28 @@ def test_batches_are_pinned_in_the_reading_thread_bound_to_the_gpu(monkeypatch):
     assert bound and bound[0][1] == gpu and bound[0][0] == pinned[0]  # set before pinning, same thread
 
 
-def test_training_binds_its_gpu(monkeypatch):
-    """``gpus = 1``: the trainer makes GPU 1 current before anything touches CUDA."""
-    from cryoformer.device import bind, resolve
+def test_training_binds_its_gpu_first(monkeypatch, tmp_path):
+    """``gpus = 1``: the trainer makes GPU 1 current before anything else touches CUDA."""
+    class Bound(Exception):
+        pass
 
     bound = []
+
+    def set_device(d):
+        bound.append(torch.device(d))
+        raise Bound  # stop here: nothing after it can run on a CPU build
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Bound):
+        train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, device="cuda:1"), tmp_path, log=lambda m: None)
+    assert bound == [torch.device("cuda", 1)]
+    from cryoformer.device import bind, resolve
+
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(torch.device(d)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    bind(resolve("cuda:1"))
     bind(resolve("cuda"))
     bind(resolve("cpu"))
-    assert bound == [torch.device("cuda", 1), torch.device("cuda", 3)]
-    src = inspect.getsource(train)
-    assert src.index("bind(device)") < src.index("CryoFormer(model_cfg)")
+    assert bound[1:] == [torch.device("cuda", 3)]
 
 
 # ---------------------------------------------------------------------- 10. explicit noise
