@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from cryoformer.train import estimate_data_scale
     from cryoformer_ext.config import JobConfig
     from cryoformer_ext.job import model_config_for
-    from cryoformer_ext.launch import Plan, spawn
+    from cryoformer_ext.launch import Plan, physical_gpus, spawn
 
     gpu = torch.cuda.is_available()
     ngpu = torch.cuda.device_count() if gpu else 0
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     rows = []
     for w in worlds:
-        plan = Plan("spawn", w, [str(i) for i in range(w)] if gpu else [])
+        # the first w GPUs this process sees, named as CUDA_VISIBLE_DEVICES names them (each worker then
+        # sees only its own): under CUDA_VISIBLE_DEVICES=4,5,6,7 that is 4, 5, ... and not 0, 1, ...
+        plan = Plan("spawn", w, physical_gpus(list(range(w))) if gpu else [])
         best = None
         for _ in range(args.repeats):
             r = spawn(worker, (data, model_cfg, args.epochs, args.batch), plan, threads=1,

@@ -13,22 +13,21 @@ Contract that makes ``W`` ranks equal one process with the same global batch and
   global batch of ``B``) before the backward, so DDP's gradient *average* is the gradient of the
   global-batch mean even when ``B`` is not a multiple of ``W``; a rank with no row in the (last) batch
   runs one dummy row with weight 0 so that every rank takes part in every all-reduce;
-* the reparameterisation noise ``torch.randn_like(mu)`` drawn inside the model's forward pass is drawn
-  for the whole global batch on every rank (same RNG state everywhere) and each rank keeps its rows
-  (:class:`GlobalBatchNoise`), so each particle gets the noise it gets in one process and the RNG
-  state saved in the checkpoint does not depend on the world size.
+* the reparameterisation noise is drawn by the trainer for the whole global batch on every rank (same
+  RNG state everywhere), each rank keeps its rows (:meth:`DistContext.own_rows`, a strided view: no
+  index tensor to copy to the GPU) and passes them to the model's forward explicitly, so each particle
+  gets the noise it gets in one process and the RNG state saved in the checkpoint does not depend on
+  the world size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,12 @@ class DistContext:
         if len(rows) == 0:  # fewer rows than ranks in the last batch: one dummy row that adds nothing
             return np.zeros(1, np.int64), 0.0
         return rows, self.world * len(rows) / batch_len
+
+    def own_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (:meth:`batch_rows`) of a tensor over the whole global batch."""
+        if full.shape[0] <= self.rank:  # the dummy row
+            return full[:1]
+        return full[self.rank::self.world]
 
     def shard(self, n: int) -> slice:
         """Contiguous share of ``n`` items (inference): concatenating the ranks' shares gives 0..n-1."""
@@ -105,9 +110,6 @@ class DistContext:
         return ddp(model, device_ids=ids, output_device=ids[0] if ids else None,
                    find_unused_parameters=find_unused_parameters, **sync)
 
-    def global_noise(self, rows: np.ndarray, batch_len: int) -> contextlib.AbstractContextManager:
-        return GlobalBatchNoise(rows, batch_len)
-
 
 def current(device: torch.device | str | None = None) -> DistContext | None:
     """The context of the initialised default group with more than one rank, else None."""
@@ -120,23 +122,3 @@ def current(device: torch.device | str | None = None) -> DistContext | None:
         device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" \
             else torch.device("cpu")
     return DistContext(tdist.get_rank(), world, torch.device(device))
-
-
-class GlobalBatchNoise(TorchFunctionMode):
-    """Inside it, ``torch.randn_like(x)`` on a rank's ``(b_r, ...)`` tensor draws the noise of the whole
-    global batch ``(B, ...)`` and returns this rank's rows: the same numbers, and the same RNG
-    consumption, as one process drawing ``randn_like`` for the global batch."""
-
-    def __init__(self, rows: np.ndarray, batch_len: int):
-        super().__init__()
-        self.rows = torch.as_tensor(np.asarray(rows, np.int64))
-        self.batch_len = int(batch_len)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.randn_like and args and args[0].dim() >= 1 and args[0].shape[0] == len(self.rows):
-            x = args[0]
-            full = torch.randn((self.batch_len,) + tuple(x.shape[1:]), dtype=kwargs.get("dtype") or x.dtype,
-                               device=kwargs.get("device") or x.device)
-            return full[self.rows.to(full.device)]
-        return func(*args, **kwargs)

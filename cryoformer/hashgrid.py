@@ -114,29 +114,31 @@ def _level_corners(xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tens
     ``(w_0 * w_1) * w_2`` in fp32, tcnn's order, so they match it bit for bit.
     """
     P = xt.shape[1]
-    dev = xt.device
     # fmaf(scale, x, 0.5): in fp64 the product is exact, so this rounds once, like fmaf.
     pos = (xt * lv["scale"] + 0.5).float()
     fl = torch.floor(pos)
     frac = pos - fl  # (3, P), the same fp32 subtraction as tcnn
     # (uint32)(int)floor(pos): CUDA's float->int32 conversion saturates; keep it as signed int64.
     g = fl.clamp_(-2147483648.0, 2147483648.0).long().clamp_(_INT32_MIN, _INT32_MAX)
-    gg = g.unsqueeze(0) + torch.tensor([0, 1], device=dev).view(2, 1, 1)  # (2, 3, P): g_d + c_d
+    gg = torch.stack((g, g + 1))  # (2, 3, P): g_d + c_d
     ww = torch.stack((1.0 - frac, frac))  # (2, 3, P)
     w = (ww[None, None, :, 0] * ww[None, :, None, 1]) * ww[:, None, None, 2]  # (2, 2, 2, P)
     size = lv["size"]
+    # Per-dimension factors as Python scalars, never a tensor made from a list: on CUDA that is a
+    # synchronous host-to-device copy, two per level and pass (hundreds per training step).
     if lv["hashed"]:
-        aa = gg * torch.tensor(_PRIMES, device=dev).view(1, 3, 1)
+        a0, a1, a2 = (gg[:, d] * m for d, m in enumerate(_PRIMES))  # (2, P) each
         pow2 = size & (size - 1) == 0
         # "& (2^32-1) then % size" is one mask for a power-of-two size, and masks commute with xor.
-        aa &= (size - 1) if pow2 else _MASK32
-        idx = aa[:, None, None, 2] ^ aa[None, :, None, 1] ^ aa[None, None, :, 0]
+        for a in (a0, a1, a2):
+            a &= (size - 1) if pow2 else _MASK32
+        idx = a2[:, None, None] ^ a1[None, :, None] ^ a0[None, None, :]
         if not pow2:
             idx = idx % size
     else:
         res = lv["res"]
-        aa = gg * torch.tensor([1, res, res * res], device=dev).view(1, 3, 1)
-        idx = (aa[:, None, None, 2] + aa[None, :, None, 1] + aa[None, None, :, 0]) & _MASK32
+        a0, a1, a2 = (gg[:, d] * m for d, m in enumerate((1, res, res * res)))
+        idx = (a2[:, None, None] + a1[None, :, None] + a0[None, None, :]) & _MASK32
         idx = idx % size
     return idx.view(8, P), w.reshape(8, P)
 
@@ -336,8 +338,13 @@ class HashGrid(torch.nn.Module):
                 )
             self.__dict__["_tcnn_module"] = enc
             self.__dict__["_tcnn_device"] = self.params.device
-        # Share our parameter so the optimizer, state_dict and both backends see one tensor.
-        enc.params = self.params
+        # Share our parameter so the optimizer, state_dict and both backends see one tensor. tcnn runs
+        # its training forward (keeping a context for the backward) whenever the params require grad,
+        # even under no_grad: there, hand it a non-grad view of the same storage, for its inference kernel.
+        if torch.is_grad_enabled() and self.params.requires_grad:
+            enc.params = self.params
+        else:
+            enc.params = torch.nn.Parameter(self.params.detach(), requires_grad=False)
         return enc(x).float()
 
     def uses_tcnn(self, x: torch.Tensor) -> bool:
@@ -347,13 +354,14 @@ class HashGrid(torch.nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, 3)
+        # Positions never get a gradient, on either backend: otherwise the refine/predict pose modes
+        # would train the orientation encoder through the field only with tcnn, and tcnn would keep a
+        # dL/dx buffer per point.
+        x = x.reshape(-1, 3).detach()
         if self._use_tcnn(x):
             out = self._tcnn_forward(x)
         else:
-            out = _HashGridFunction.apply(
-                x.detach(), self.params, self._levels, self.n_features, self.fma_emulation
-            )
+            out = _HashGridFunction.apply(x, self.params, self._levels, self.n_features, self.fma_emulation)
         return out.reshape(*lead, self.n_output_dims)
 
 

@@ -34,19 +34,28 @@ def available_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def activation_bytes_per_point(attention: str, tokens: int, channels: int) -> int:
-    """Bytes kept for the backward per (image, point) by the spatial attention and the density FFN.
+def activation_bytes_per_point(mode: str, tokens: int, channels: int, feat_dim: int = 32, hidden: int = 16,
+                               bytes_per_float: int = 4) -> int:
+    """Bytes of the forward tensors the spatial head keeps per point and image (fp32).
 
-    Counted from the tensors autograd saves: point form -- logits and softmax output (2N), attention
-    output, residual, FFN hidden before and after ReLU (4C); literal form -- the per-point N x N attention
-    (2 N^2) and N x C outputs (4 N C). fp32; a factor 1.5 covers temporaries of the same size."""
-    n, c = tokens, channels
-    per = 2 * n + 4 * c if attention == "point" else 2 * n * n + 4 * n * c
-    return int(per * 4 * 1.5)
+    Point form: a few C-wide vectors and three N-wide ones (logits, softmax, its cast). Literal form:
+    F_S(x), the attention output and the FFN's two layers are N x C each, the logits, their scaled
+    copy and the softmax N x N each."""
+    base = feat_dim + 2 * hidden
+    if mode == "point":
+        floats = base + 7 * channels + 3 * tokens
+    else:
+        floats = base + 4 * tokens * channels + 3 * tokens * tokens + tokens
+    return floats * bytes_per_float
 
 
-def points_per_chunk(attention: str, tokens: int, channels: int, batch: int, device: torch.device,
-                     share: float = MEMORY_SHARE) -> int:
-    """Points of one image batch whose activations fit in ``share`` of the free memory (at least 1024)."""
-    per = activation_bytes_per_point(attention, tokens, channels) * max(batch, 1)
-    return max(1024, int(available_bytes(device) * share // per))
+def points_per_chunk(mode: str, *, tokens: int, channels: int, batch: int, budget_bytes: int,
+                     feat_dim: int = 32, hidden: int = 16) -> int:
+    """Points per image in one chunk so that ``batch`` images' head activations fit ``budget_bytes``."""
+    per_point = activation_bytes_per_point(mode, tokens, channels, feat_dim, hidden)
+    return max(1, int(budget_bytes) // (max(1, batch) * per_point))
+
+
+def activation_budget(device: torch.device, share: float = MEMORY_SHARE) -> int:
+    """Bytes a training step's activations may take: ``share`` of the free memory."""
+    return int(available_bytes(device) * share)

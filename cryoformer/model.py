@@ -17,7 +17,7 @@ from .decoder import SpatialDensityHead, StructureDecoder
 from .encoders import DeformationEncoder, OrientationEncoder
 from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_forward
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
-from .memory import points_per_chunk
+from .memory import activation_budget, points_per_chunk
 from .occupancy import OccupancyGrid, cell_means
 from .render import corrupt, project_volumes, rotated_points
 
@@ -138,9 +138,14 @@ class CryoFormer(nn.Module):
         return self.head.attend(self.field_query(pts, plan), kv, return_attention)
 
     def _chunk(self, batch: int) -> int:
-        if self.cfg.chunk_points is not None:
-            return max(1, self.cfg.chunk_points // max(batch, 1))
-        return points_per_chunk(self.cfg.attention, self.cfg.tokens, self.cfg.channels, batch, self.points.device)
+        """Points per image in one piece of :meth:`evaluate`: ``chunk_points`` when set, else as many as
+        fit in the activation budget (the literal form keeps N x N per point, so it gets fewer)."""
+        cfg = self.cfg
+        if cfg.chunk_points is not None:
+            return max(1, cfg.chunk_points // max(batch, 1))
+        return points_per_chunk(cfg.attention, tokens=cfg.tokens, channels=cfg.channels, batch=batch,
+                                budget_bytes=activation_budget(self.points.device),
+                                feat_dim=self.grid.n_output_dims, hidden=cfg.spatial_hidden)
 
     def evaluate(self, pts: torch.Tensor, kv, plan: HashGridPlan | None = None) -> torch.Tensor:
         """:meth:`density` in one piece when its activations fit in memory, else in chunks whose
@@ -239,8 +244,10 @@ class CryoFormer(nn.Module):
     def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None, rot: torch.Tensor | None,
                 shift_px: torch.Tensor | None, *, sample: bool = True, eps: torch.Tensor | None = None,
                 box: int | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of a minibatch. ``box`` < the training box renders and compares at that box (the
-        coarse stage of a coarse-to-fine schedule); the encoders always see the training box."""
+        """Loss terms of a minibatch. ``eps`` (B, zdim): the reparameterisation noise, drawn by the caller
+        (the trainer draws it for the whole global batch of a data-parallel step); None = drawn here.
+        ``box`` < the training box renders and compares at that box (the coarse stage of a coarse-to-fine
+        schedule); the encoders always see the training box."""
         cfg = self.cfg
         x = images / cfg.data_scale
         out: dict[str, torch.Tensor] = {}

@@ -32,7 +32,8 @@ def corrupt(projections: torch.Tensor, pixel_size_A: float, shift_px: torch.Tens
 def rotated_points(points: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Image-frame points (P, 3) -> volume-frame points (B, P, 3): ``r @ rot`` (see poses.py).
 
-    Always fp32, also under autocast: a bf16 coordinate is off by up to 0.5 px at box 256."""
+    Autocast is off here: a bf16 matmul would round the coordinates by up to 0.125 px at box 64 and
+    0.5 px at box 256, and training would then see another field than the fp32 map export."""
     with torch.autocast(points.device.type, enabled=False):
         return torch.matmul(points.float().unsqueeze(0), rot.float())
 

@@ -7,7 +7,6 @@ aborted, killed or continued by RELION picks up exactly where the last finished 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
@@ -21,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import ParticleData
+from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
 from .distributed import current as _dist_current
 from .lattice import fourier_crop
 from .model import CryoFormer, ModelConfig
@@ -46,7 +46,7 @@ class TrainConfig(BaseModel):
     pose_weight: float = Field(1.0, ge=0, description="initial weight of the pose term in 'refine' mode (halves each epoch)")
     seed: int = 0
     device: str = "cpu"
-    amp: bool = True
+    amp: bool = Field(True, description="bf16 autocast where the GPU has bf16 tensor cores (cryoformer.device.autocast_dtype)")
     log_interval_s: float = Field(10.0, gt=0)
     prefetch: int = Field(2, ge=0, description="minibatches read ahead in a background thread")
     occupancy_threshold: float = Field(
@@ -59,29 +59,40 @@ class TrainConfig(BaseModel):
     occupancy_refresh: int = Field(10000, ge=1, description="images between estimates of the occupancy grid")
     occupancy_latents: int = Field(64, ge=1, description="particles whose latents the occupancy grid covers")
     coarse_epochs: int = Field(0, ge=0, description="first epochs rendered and compared at half the training box")
+    sync_every: int = Field(
+        16, ge=1, description="steps between the step loop's host synchronisations: the non-finite loss check and, "
+        "with several ranks, the all-reduced abort poll (at the same steps on every rank)")
 
 
 class BatchReader:
-    """Reads minibatches (images cropped to the training box + per-particle metadata) lazily."""
+    """Reads minibatches (images cropped to the training box + per-particle metadata) lazily.
 
-    def __init__(self, data: ParticleData, box: int):
-        self.data, self.box = data, box
+    With ``pin`` the tensors are page-locked (in the reading thread), so that the trainer's
+    ``non_blocking`` copy to the GPU is asynchronous; from pageable memory it would block."""
+
+    def __init__(self, data: ParticleData, box: int, pin: bool = False):
+        self.data, self.box, self.pin = data, box, pin
         self.scale = box / data.box
 
     def __call__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         imgs = self.data.images.read(idx)
-        batch = {"index": torch.as_tensor(idx), "images": fourier_crop(imgs, self.box)}
+        batch = {"images": fourier_crop(imgs, self.box)}
         if self.data.ctf is not None:
             batch["ctf"] = torch.as_tensor(self.data.ctf.take(idx))
         if self.data.rot is not None:
             batch["rot"] = torch.as_tensor(self.data.rot[idx])
             batch["shift"] = torch.as_tensor(self.data.shift_px[idx] * self.scale)
+        if self.pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
 
 def iterate_batches(reader: BatchReader, order: np.ndarray, batch_size: int, prefetch: int,
-                    chunks: list[np.ndarray] | None = None) -> Iterator[dict]:
-    """Minibatches of ``order`` (or the given index ``chunks``, e.g. one rank's share of each batch)."""
+                    chunks: list[np.ndarray] | None = None, device: torch.device | None = None) -> Iterator[dict]:
+    """Minibatches of ``order`` (or the given index ``chunks``, e.g. one rank's share of each batch).
+
+    ``device``: the GPU the batches go to; the reading thread makes it its current device, so that
+    pinned buffers belong to that GPU and not to GPU 0."""
     if chunks is None:
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if prefetch <= 0:
@@ -93,6 +104,7 @@ def iterate_batches(reader: BatchReader, order: np.ndarray, batch_size: int, pre
 
     def work() -> None:
         try:
+            bind(device)
             for c in chunks:
                 if stop.is_set():
                     return
@@ -139,6 +151,7 @@ def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, epoch: int,
                     history: list[float], train_cfg: TrainConfig) -> None:
+    device = next(model.parameters()).device
     state = {
         "format": "cryoformer-checkpoint-1",
         "model_config": model.cfg.model_dump(),
@@ -148,7 +161,7 @@ def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, e
         "epoch": epoch,
         "loss_history": history,
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -197,6 +210,14 @@ def refresh_occupancy(model: CryoFormer, reader: "BatchReader", n: int, cfg: Tra
         with torch.no_grad():
             z = model.latent_means(b["images"], b.get("rot"), b.get("shift"))
     return model.estimate_occupancy(z, cfg.occupancy_threshold, cfg.occupancy_margin)
+def latent_noise(ctx, batch_len: int, zdim: int, device: torch.device) -> torch.Tensor:
+    """Reparameterisation noise of one step, drawn here and passed to the model explicitly.
+
+    With several ranks every rank draws it for the whole global batch (the same RNG state everywhere)
+    and keeps its strided rows, so each particle gets the noise it gets in one process and the RNG
+    state saved in a checkpoint does not depend on the world size."""
+    full = torch.randn(batch_len, zdim, device=device)
+    return full if ctx is None else ctx.own_rows(full)
 
 
 def _fmt_time(s: float) -> str:
@@ -212,11 +233,16 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     In an initialised ``torch.distributed`` group of several ranks (see :mod:`cryoformer.distributed`),
     every rank calls this with the same arguments; each trains on its rows of every global batch under
     DDP, only rank 0 logs and writes the checkpoint, and the result equals a single process's.
+
+    The step loop does not wait for the GPU: losses are summed on the device and read (with the
+    non-finite check and, with several ranks, the abort poll) only every ``cfg.sync_every`` steps, at
+    log lines and at the end of each epoch.
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / CHECKPOINT_NAME
-    device = torch.device(cfg.device)
+    device = resolve(cfg.device)
+    bind(device)
     ctx = _dist_current(device)
     if ctx is not None and not ctx.is_main:
         log = lambda msg: None  # noqa: E731 - rank 0 speaks for the group
@@ -227,7 +253,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     start_epoch, history = 0, []
     resumed = None
     if path.exists():
-        resumed = load_checkpoint(path, device)
+        resumed = load_checkpoint(path, "cpu")  # the RNG states must stay CPU tensors; weights move below
         model_cfg = ModelConfig(**resumed["model_config"])
     model = CryoFormer(model_cfg).to(device)
     opt = make_optimizer(model, cfg)
@@ -236,11 +262,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
         opt.load_state_dict(resumed["optimizer"])
         start_epoch, history = int(resumed["epoch"]), list(resumed["loss_history"])
         torch.set_rng_state(resumed["torch_rng"].cpu())
-        if resumed.get("cuda_rng") is not None and torch.cuda.is_available():
-            if ctx is not None and device.type == "cuda":  # one GPU per rank: touch only this rank's GPU
-                torch.cuda.set_rng_state(resumed["cuda_rng"][0].cpu(), device)
-            else:
-                torch.cuda.set_rng_state_all(resumed["cuda_rng"])
+        restore_cuda_rng(resumed.get("cuda_rng"), device)
         log(f"resumed from {path} after epoch {start_epoch}/{cfg.epochs}")
     if start_epoch >= cfg.epochs:
         log(f"training already finished ({start_epoch} epochs)")
@@ -249,14 +271,14 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     # find_unused_parameters
     net = model if ctx is None else ctx.wrap(model, find_unused_parameters=model_cfg.zdim == 0)
 
-    reader = BatchReader(data, model_cfg.box)
+    reader = BatchReader(data, model_cfg.box, pin=device.type == "cuda")
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     kl_w = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2)
-    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(device, cfg.amp)
     log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}"
-        + (", bf16 autocast" if use_amp else "") + (f", {ctx.world} ranks" if ctx is not None else ""))
+        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}, "
+        + precision_note(device, cfg.amp) + (f", {ctx.world} ranks" if ctx is not None else ""))
     t_start, done_imgs, last_log = time.time(), 0, 0.0
     total_imgs = (cfg.epochs - start_epoch) * n
     model.train()
@@ -265,34 +287,39 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         pose_w = cfg.pose_weight * 0.5 ** epoch
         coarse = epoch < cfg.coarse_epochs
-        loss_sum, count, t_epoch = 0.0, 0, time.time()
+        # device-side sums: mse x images (the logged loss) and the full loss (only for the finite check)
+        mse_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum, count, checked, t_epoch = 0.0, 0, 0, time.time()
+        global_batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         chunks = None
         if ctx is not None:  # this rank's rows of every global batch (see cryoformer.distributed)
-            global_batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             shares = [ctx.batch_rows(len(c)) for c in global_batches]
             chunks = [c[rows] for c, (rows, _) in zip(global_batches, shares)]
-        for step, batch in enumerate(iterate_batches(reader, order, cfg.batch_size, cfg.prefetch, chunks)):
-            if should_abort() if ctx is None else ctx.any(should_abort()):
+        batches = iterate_batches(reader, order, cfg.batch_size, cfg.prefetch, chunks, device)
+        for step, batch in enumerate(batches):
+            if ctx is None:
+                if should_abort():
+                    raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
+            elif step % cfg.sync_every == 0 and ctx.any(should_abort()):  # the same steps on every rank
                 raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            noise = contextlib.nullcontext() if ctx is None else ctx.global_noise(shares[step][0],
-                                                                                 len(global_batches[step]))
-            with noise, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"),
+            eps = latent_noise(ctx, len(global_batches[step]), model_cfg.zdim, device) if model_cfg.zdim > 0 else None
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,
                           box=stage_box(model_cfg.box, coarse, occupancy))
             loss = out["mse"]
             if "kl" in out:
                 loss = loss + kl_w * out["kl"]
             if "pose_loss" in out:
                 loss = loss + pose_w * out["pose_loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}")
             opt.zero_grad(set_to_none=True)
             # a rank's mean x W b_r / B: DDP's gradient average is then the global-batch mean's gradient
             (loss if ctx is None else loss * shares[step][1]).backward()
             opt.step()
             bs = b["images"].shape[0] if ctx is None or shares[step][1] > 0 else 0
-            loss_sum += float(out["mse"].detach()) * bs
+            mse_sum += out["mse"].detach().double() * bs
+            loss_total += loss.detach().double()
             count += bs
             done_imgs += bs if ctx is None else len(global_batches[step])
             seen = epoch * n + step * cfg.batch_size
@@ -305,12 +332,18 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             if step_hook is not None:
                 step_hook(epoch, step)
             now = time.time()
-            if now - last_log >= cfg.log_interval_s or step == steps_per_epoch - 1:
+            due_log = now - last_log >= cfg.log_interval_s or step == steps_per_epoch - 1
+            if due_log or (step + 1) % cfg.sync_every == 0:
+                loss_sum, total = torch.stack((mse_sum, loss_total)).tolist()  # the one host synchronisation
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"loss became {total} at epoch {epoch + 1}, steps {checked + 1}-{step + 1}")
+                checked = step + 1
+            if due_log:
                 last_log = now
                 rate = done_imgs / max(now - t_start, 1e-9)
                 eta = (total_imgs - done_imgs) / max(rate, 1e-9)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
-                    f"loss {loss_sum / count:.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
+                    f"loss {loss_sum / max(count, 1):.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
         if ctx is not None:
             loss_sum, count = ctx.sum(loss_sum, count)
         history.append(loss_sum / max(count, 1))

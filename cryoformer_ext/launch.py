@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import pickle
 import queue
@@ -67,6 +68,25 @@ def _visible_gpu_names() -> list[str] | None:
     return [x.strip() for x in env.split(",") if x.strip() != ""]
 
 
+def physical_gpus(ids: list[int]) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` names of visible GPU indices ``ids`` (index ``i`` = the i-th GPU this
+    process sees), for a spawned worker that must see exactly its GPU: under a scheduler's
+    ``CUDA_VISIBLE_DEVICES=4,5,6,7``, index 0 is GPU ``4``, not ``0``."""
+    visible = _visible_gpu_names() or [str(i) for i in range(torch.cuda.device_count())]
+    return [visible[i] for i in ids]
+
+
+def device_id_kwargs(device: torch.device) -> dict:
+    """``device_id`` for ``init_process_group`` (binds NCCL to this rank's GPU at once) where this torch
+    has the argument: it arrived around torch 2.2/2.3 (pytorch#114916), and pyproject allows 2.2.
+    Without it the current device (set before) and the barrier's ``device_ids`` do the binding."""
+    import torch.distributed as tdist
+
+    if device.type != "cuda" or "device_id" not in inspect.signature(tdist.init_process_group).parameters:
+        return {}
+    return {"device_id": device}
+
+
 def job_plan(config: JobConfig, env: dict[str, str] | None = None) -> Plan:
     """How many processes run ``config`` and on which devices (no process or CUDA context is started)."""
     env = os.environ if env is None else env
@@ -84,8 +104,7 @@ def job_plan(config: JobConfig, env: dict[str, str] | None = None) -> Plan:
         count = torch.cuda.device_count()
         if max(ids) >= count:
             raise JobConfigError(f"parameter 'gpus' = {config.gpus!r}: only {count} GPU(s) visible")
-        visible = _visible_gpu_names() or [str(i) for i in range(count)]
-        return Plan("spawn", len(ids), [visible[i] for i in ids])
+        return Plan("spawn", len(ids), physical_gpus(ids))
     if (config.ranks or 1) > 1:
         if ids:
             raise JobConfigError(f"parameter 'ranks' = {config.ranks} runs CPU workers; with 'gpus' = "
@@ -111,6 +130,10 @@ def joined_group(config: JobConfig) -> Iterator[torch.device]:
     torch.set_num_threads(threads_per_rank(config, local_world))
     ids = config.gpu_ids()
     use_gpu = bool(ids) or torch.cuda.is_available()
+    if ids and local_rank >= len(ids):
+        raise JobConfigError(f"parameter 'gpus' = {config.gpus!r} names {len(ids)} GPU(s), but this is local rank "
+                             f"{local_rank} of {local_world} on this node: give one id per local rank, or leave "
+                             "'gpus' empty (local rank k then uses GPU k)")
     if use_gpu:
         index = ids[local_rank] if ids else local_rank
         if index >= torch.cuda.device_count():
@@ -123,7 +146,7 @@ def joined_group(config: JobConfig) -> Iterator[torch.device]:
     owned = not tdist.is_initialized()
     if owned:
         tdist.init_process_group("nccl" if use_gpu else "gloo", init_method="env://", timeout=dist_timeout(),
-                                 **({"device_id": device} if use_gpu else {}))
+                                 **device_id_kwargs(device))
     try:
         yield device
     finally:
@@ -160,8 +183,7 @@ def _entry(rank: int, world: int, port: int, gpu: str | None, threads: int, fn: 
             torch.cuda.set_device(device)
         store = tdist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=dist_timeout())
         tdist.init_process_group("nccl" if gpu is not None else "gloo", store=store, rank=rank,
-                                 world_size=world, timeout=dist_timeout(),
-                                 **({"device_id": device} if gpu is not None else {}))
+                                 world_size=world, timeout=dist_timeout(), **device_id_kwargs(device))
 
         def log(msg: str) -> None:
             q.put(("log", rank, str(msg)))

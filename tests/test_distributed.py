@@ -31,7 +31,8 @@ from cryoformer_ext.config import JobConfig, JobConfigError
 from cryoformer_ext.launch import Plan, WorkerFailed, job_plan, spawn
 
 TINY = dict(box=16, pixel_size_A=8.0, zdim=2, tokens=8, channels=16, heads=2, enc_layers=2, enc_dim=32,
-            hash_levels=8, hash_log2_size=12, data_scale=1.0)
+            hash_levels=8, hash_log2_size=12, data_scale=1.0,
+            occupancy_cells=4)
 N, BATCH, EPOCHS = 21, 5, 3  # batches 5,5,5,5,1: 3+2 rows per rank, and a last batch with one row (rank 1: dummy)
 GAUGE = re.compile(r"(\.k\.bias|k_norm\.bias|norm_fd\.bias)$")
 PARAM_ATOL = 2e-5

@@ -9,7 +9,6 @@ import torch
 
 from cryoformer.hashgrid import HashGrid, make_plan, planned_forward
 from cryoformer.lattice import volume_points
-from cryoformer.memory import points_per_chunk
 from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.occupancy import OccupancyGrid, cell_means, dilate
 from cryoformer.poses import random_rotations
@@ -122,19 +121,9 @@ def test_recomputation_only_when_memory_is_short(monkeypatch):
     model(images, None, rot, torch.zeros(3, 2))["mse"].backward()
     assert calls == []
     monkeypatch.setenv("CRYOFORMER_MEMORY_BYTES", str(1 << 20))
-    assert points_per_chunk("point", 8, 16, 3, torch.device("cpu")) < len(model._lattice(16)["voxels"])
+    assert model._chunk(3) < len(model._lattice(16)["voxels"])
     model(images, None, rot, torch.zeros(3, 2))["mse"].backward()
     assert len(calls) > 1
-
-
-def test_literal_attention_chunks_are_sized_by_the_tokens():
-    """The literal form keeps N x N and N x C per point (the point form 2N + 4C): at N = C = 64 its chunks
-    are 64 times smaller, so a box-64 batch does not try to hold 2^30-element tensors."""
-    dev = torch.device("cpu")
-    point = points_per_chunk("point", 64, 64, 8, dev, share=1.0)
-    literal = points_per_chunk("literal", 64, 64, 8, dev, share=1.0)
-    assert 60 < point / literal < 68
-    assert literal * 8 * 64 * 64 * 4 < 1.0 * __import__("cryoformer.memory", fromlist=["x"]).available_bytes(dev)
 
 
 @pytest.mark.parametrize("render", ["canonical", "rotated"])

@@ -10,7 +10,7 @@ from cryoformer.simulate import simulate
 from cryoformer.train import TrainConfig, TrainingAborted, train
 
 TINY = dict(box=16, zdim=2, tokens=8, channels=16, heads=2, enc_layers=2, enc_dim=32, hash_levels=8,
-            hash_log2_size=12)
+            hash_log2_size=12, occupancy_cells=4)
 
 
 def _data():

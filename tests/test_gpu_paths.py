@@ -1,0 +1,529 @@
+"""The CUDA code paths, tested on a CPU (issue 12): no GPU has run this code.
+
+What needs a GPU is reached by monkeypatching ``torch.cuda`` functions that record the devices and
+dtypes they are called with (RNG state, ``set_device``, capability, id mapping), by CPU autocast where its
+dtype rules are CUDA's (a matmul runs in bf16 under both), by counting host synchronisations with a
+patched ``Tensor.item``/``__float__``/``__bool__``/``tolist`` (each is a device-to-host wait on CUDA),
+and by shape arithmetic for the rendering chunks. ``bench/gpu_check.py`` runs the same paths on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryoformer.data import ArraySource, ParticleData
+from cryoformer.model import CryoFormer, ModelConfig
+from cryoformer.simulate import simulate
+from cryoformer.train import BatchReader, TrainConfig, iterate_batches, load_checkpoint, train
+
+TINY = dict(box=16, pixel_size_A=8.0, zdim=2, tokens=8, channels=16, heads=2, enc_layers=2, enc_dim=32,
+            hash_levels=8, hash_log2_size=12, data_scale=1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sim(n: int = 24):
+    return simulate(n, 16, pixel_size_A=8.0, snr=2.0, seed=3)
+
+
+def _data(n: int = 24) -> ParticleData:
+    sim = _sim(n)
+    return ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)
+
+
+# ------------------------------------------------------------------------------------------ 1. RNG
+class _FakeCudaRng:
+    """torch.cuda's per-device generator API, with the real one's argument check."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def get_rng_state(self, device="cuda"):
+        self.calls.append(("get", torch.device(device)))
+        return torch.arange(16, dtype=torch.uint8) + (torch.device(device).index or 0)
+
+    def set_rng_state(self, new_state, device="cuda"):
+        if new_state.device.type != "cpu" or new_state.dtype != torch.uint8:
+            raise TypeError("RNG state must be a torch.ByteTensor")
+        self.calls.append(("set", torch.device(device), new_state.clone()))
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restored every GPU's state"))
+        return self
+
+
+def test_cuda_rng_round_trip_uses_the_gpu_in_use_and_cpu_byte_tensors(monkeypatch, tmp_path):
+    from cryoformer.device import cuda_rng_state, restore_cuda_rng
+
+    rng = _FakeCudaRng().install(monkeypatch)
+    gpu = torch.device("cuda", 1)  # gpus = 1: the state of GPU 1, not the list of all GPUs' states
+    torch.save({"cuda_rng": cuda_rng_state(gpu)}, tmp_path / "ck.pt")
+    saved = load_checkpoint(tmp_path / "ck.pt")["cuda_rng"]
+    restore_cuda_rng(saved, gpu)
+    assert [c[:2] for c in rng.calls] == [("get", gpu), ("set", gpu)]
+    assert torch.equal(rng.calls[1][2], torch.arange(16, dtype=torch.uint8) + 1)
+    # resumed on another id, with fewer GPUs visible: the one saved state goes to the GPU in use
+    rng.calls.clear()
+    restore_cuda_rng(saved, torch.device("cuda", 0))
+    assert rng.calls[0][1] == torch.device("cuda", 0)
+    # a checkpoint in the old format (every visible GPU's state): this GPU's entry, no IndexError
+    old = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    rng.calls.clear()
+    restore_cuda_rng(old, torch.device("cuda", 1))
+    restore_cuda_rng(old, torch.device("cuda", 5))
+    assert [int(c[2][0]) for c in rng.calls] == [1, 0]
+    # CPU: nothing of CUDA's is touched
+    assert cuda_rng_state(torch.device("cpu")) is None
+    restore_cuda_rng(saved, torch.device("cpu"))
+    assert len(rng.calls) == 2
+
+
+def test_cpu_training_with_gpus_present_neither_saves_nor_restores_cuda_rng(monkeypatch, tmp_path):
+    """A CPU job on a GPU machine: the checkpoint holds no CUDA state and Continue does not set one."""
+    rng = _FakeCudaRng().install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = _data(8)
+    tcfg = TrainConfig(epochs=1, batch_size=8, seed=5, log_interval_s=1e9, prefetch=0)
+    train(data, ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None)
+    assert load_checkpoint(tmp_path / "last.pt")["cuda_rng"] is None
+    train(data, ModelConfig(**TINY), tcfg.model_copy(update={"epochs": 2}), tmp_path, log=lambda m: None)
+    assert rng.calls == []
+
+
+# ----------------------------------------------------------------------------- 2. fp32 geometry
+@pytest.mark.parametrize("render", ["canonical", "rotated"])
+def test_sample_coordinates_stay_fp32_under_autocast(render):
+    from cryoformer.poses import random_rotations
+    from cryoformer.render import rotated_points
+
+    model = CryoFormer(ModelConfig(**{**TINY, "box": 64, "render": render}))
+    rot = torch.as_tensor(random_rotations(2, np.random.default_rng(0)), dtype=torch.float32)
+    exact = rotated_points(model.points, rot)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = rotated_points(model.points, rot)
+    assert auto.dtype == torch.float32
+    assert torch.equal(auto, exact)
+    # and what the model samples the field at, in a training forward under autocast
+    seen = []
+    real = model.density
+
+    def spy(world_pts, kv, return_attention=False, plan=None):
+        seen.append(world_pts.dtype)
+        return real(world_pts, kv, return_attention, plan)
+
+    model.density = spy
+    model.cfg = model.cfg.model_copy(update={"chunk_points": 1 << 30})
+    sim = simulate(2, 64, pixel_size_A=2.0, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.as_tensor(sim.images), None, torch.as_tensor(sim.rot), None)
+    assert seen and set(seen) == {torch.float32}
+
+
+# ------------------------------------------------------------------- 3, 11. the tcnn backend
+def _fake_tinycudann(seen: list[dict]):
+    """A stand-in for the tinycudann module: records what its Encoding is called with."""
+    from cryoformer.hashgrid import hashgrid_level_table
+
+    class Encoding(torch.nn.Module):
+        def __init__(self, n_input_dims, config, seed=1337, dtype=None):
+            super().__init__()
+            lv = hashgrid_level_table(config["n_levels"], config["log2_hashmap_size"], config["base_resolution"],
+                                      config["per_level_scale"])
+            self.n_out = config["n_levels"] * config["n_features_per_level"]
+            self.params = torch.nn.Parameter(torch.zeros((lv[-1]["offset"] + lv[-1]["size"]) * self.n_out // config["n_levels"]))
+
+        def forward(self, x):
+            seen.append({"x_requires_grad": x.requires_grad, "params_requires_grad": self.params.requires_grad,
+                         "grad_mode": torch.is_grad_enabled()})
+            return x.sum(-1, keepdim=True) * self.params[:self.n_out]  # depends on x and on the params
+
+    return types.SimpleNamespace(Encoding=Encoding)
+
+
+@pytest.fixture
+def fake_tcnn(monkeypatch):
+    import cryoformer.hashgrid as hg
+
+    seen: list[dict] = []
+    monkeypatch.setitem(sys.modules, "tinycudann", _fake_tinycudann(seen))
+    hg._tcnn_available.cache_clear()
+    # the tcnn path runs on CUDA tensors only: let CPU tensors pass for it
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: __import__("contextlib").nullcontext())
+    yield seen
+    hg._tcnn_available.cache_clear()
+
+
+def test_tcnn_backend_gets_no_position_gradient(fake_tcnn):
+    """poses refine/predict: positions come from the orientation encoder and must not get a gradient
+    through the field, on the tcnn backend as on the torch one."""
+    from cryoformer.hashgrid import HashGrid
+
+    grid = HashGrid(n_levels=2, log2_table_size=8, backend="tcnn")
+    x = torch.rand(10, 3, requires_grad=True)
+    grid(x * 1.0).sum().backward()
+    assert fake_tcnn[-1]["x_requires_grad"] is False
+    assert x.grad is None
+
+
+def test_tcnn_backend_runs_inference_under_no_grad(fake_tcnn):
+    """tcnn runs its training forward when the params require grad; export and timing use no_grad."""
+    from cryoformer.hashgrid import HashGrid
+
+    grid = HashGrid(n_levels=2, log2_table_size=8, backend="tcnn")
+    x = torch.rand(10, 3)
+    with torch.no_grad():
+        y_inf = grid(x)
+    assert fake_tcnn[-1]["params_requires_grad"] is False
+    y_train = grid(x)  # training still trains the shared parameter
+    assert fake_tcnn[-1]["params_requires_grad"] is True
+    y_train.sum().backward()
+    assert grid.params.grad is not None and grid.params.grad.abs().sum() > 0
+    assert torch.equal(y_inf, y_train.detach())
+
+
+# ------------------------------------------------------------ 4. no host->device copy per level
+def test_hash_grid_makes_no_tensor_from_host_data(monkeypatch):
+    """``torch.tensor(list, device=cuda)`` is a synchronous copy; per level and pass it was hundreds a step."""
+    from cryoformer.hashgrid import HashGrid
+
+    grid = HashGrid(n_levels=16, log2_table_size=12, base_resolution=4, per_level_scale=1.6, backend="torch")
+    x = torch.rand(500, 3)
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _n=name, **k: made.append(_n) or _real(*a, **k))
+    grid(x).square().sum().backward()
+    assert made == []
+    assert any(lv["hashed"] for lv in grid.level_table()) and not all(lv["hashed"] for lv in grid.level_table())
+
+
+# ------------------------------------------------------------------ 5. no host sync per step
+class _SyncCounter:
+    """Counts tensor-to-host reads (on CUDA each waits for the GPU) of each training step, from the
+    first forward on; ``step_calls[s]`` holds what ran after the hook of step ``s - 1`` up to the hook
+    of step ``s``.
+
+    Reads from inside ``torch.optim`` are not counted: Adam keeps its step counter on the CPU
+    (``capturable=False``), so its ``.item()`` is no device synchronisation on a GPU either."""
+
+    NAMES = ("item", "__float__", "__bool__", "__int__", "tolist")
+    OPTIM = os.path.join(os.path.dirname(torch.__file__), "optim")
+
+    def __init__(self, monkeypatch):
+        self.step_calls: list[list[str]] = [[]]
+        self.active = False
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, _name=name, **k):
+                if self.active and not self._in_optimizer():
+                    self.step_calls[-1].append(_name)
+                return _real(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        real_forward = CryoFormer.forward
+
+        def forward(model, *a, **k):
+            self.active = True
+            return real_forward(model, *a, **k)
+
+        monkeypatch.setattr(CryoFormer, "forward", forward)
+
+    def _in_optimizer(self) -> bool:
+        f = sys._getframe(2)
+        while f is not None:
+            if f.f_code.co_filename.startswith(self.OPTIM):
+                return True
+            f = f.f_back
+        return False
+
+    def hook(self, epoch: int, step: int) -> None:
+        self.step_calls.append([])
+
+
+def _sync_run(monkeypatch, tmp_path, n=40, batch=2, sync_every=4):
+    data = _data(n)
+    tcfg = TrainConfig(epochs=1, batch_size=batch, seed=5, log_interval_s=1e9, prefetch=0, sync_every=sync_every)
+    counter = _SyncCounter(monkeypatch)
+    train(data, ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None, step_hook=counter.hook)
+    return counter.step_calls
+
+
+def _assert_syncs_only_every(step_calls, sync_every, steps):
+    """Reads only right after the hook of every ``sync_every``-th step (the loss check, and the abort
+    poll at the start of the next step), of the first step (its progress line) and of the last."""
+    synced = {i for i, calls in enumerate(step_calls) if calls}
+    assert synced, "no synchronisation at all: the loss check is gone"
+    allowed = {s + 1 for s in range(steps) if (s + 1) % sync_every == 0 or s in (0, steps - 1)}
+    assert synced <= allowed, (sorted(synced), [len(c) for c in step_calls])
+
+
+def test_step_loop_does_not_wait_for_the_device(monkeypatch, tmp_path):
+    step_calls = _sync_run(monkeypatch, tmp_path)
+    _assert_syncs_only_every(step_calls, 4, 20)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """A real gloo process group of one rank, with the trainer taking its data-parallel path."""
+    import torch.distributed as tdist
+
+    import cryoformer.train as tr
+    from cryoformer.distributed import DistContext
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(tr, "_dist_current", lambda device=None: DistContext(0, 1, torch.device("cpu")))
+    yield
+    tdist.destroy_process_group()
+
+
+def test_data_parallel_step_loop_polls_abort_every_k_steps(monkeypatch, tmp_path, one_rank_group):
+    import torch.distributed as tdist
+
+    reduced = []
+    real = tdist.all_reduce
+    monkeypatch.setattr(tdist, "all_reduce", lambda t, *a, **k: reduced.append(t.numel()) or real(t, *a, **k))
+    modes = []
+    real_forward = CryoFormer.forward
+
+    def forward(self, *a, **k):  # no TorchFunctionMode around the forward, the noise comes as an argument
+        modes.append((len(torch.overrides._get_current_function_mode_stack()), k.get("eps") is not None))
+        return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(CryoFormer, "forward", forward)
+    step_calls = _sync_run(monkeypatch, tmp_path)
+    _assert_syncs_only_every(step_calls, 4, 20)
+    assert set(modes) == {(0, True)}
+    assert reduced.count(1) == 5  # the abort flag: steps 0, 4, 8, 12, 16 of 20
+
+
+def test_nonfinite_loss_is_still_caught(monkeypatch, tmp_path):
+    """Checked every ``sync_every`` steps instead of every step: still before any checkpoint is written."""
+    data = _data(16)
+    real_forward = CryoFormer.forward
+    calls = []
+
+    def forward(self, *a, **k):  # the loss turns NaN from the second step on
+        out = real_forward(self, *a, **k)
+        calls.append(1)
+        if len(calls) >= 2:
+            out["mse"] = out["mse"] * float("nan")
+        return out
+
+    monkeypatch.setattr(CryoFormer, "forward", forward)
+    tcfg = TrainConfig(epochs=1, batch_size=2, log_interval_s=1e9, prefetch=0, sync_every=3)
+    with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1, steps 2-3"):
+        train(data, ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None)
+    assert not (tmp_path / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------- 6. precision
+@pytest.mark.parametrize("capability, amp, want", [
+    ((9, 0), True, torch.bfloat16), ((8, 0), True, torch.bfloat16), ((8, 6), True, torch.bfloat16),
+    ((7, 5), True, None), ((7, 0), True, None), ((6, 1), True, None), ((9, 0), False, None)])
+def test_bf16_only_on_compute_capability_8_and_up(monkeypatch, capability, amp, want):
+    from cryoformer.device import autocast_dtype, precision_note
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    gpu = torch.device("cuda", 2)
+    assert autocast_dtype(gpu, amp) is want
+    assert not amp or asked[-1] == gpu  # the capability of the GPU in use, not of GPU 0
+    note = precision_note(gpu, amp)
+    assert note.startswith("bf16") if want else note.startswith("fp32")
+    assert autocast_dtype(torch.device("cpu"), amp) is None
+
+
+# --------------------------------------------------------- 8, 9. pinning and the current device
+def test_batches_are_pinned_in_the_reading_thread_bound_to_the_gpu(monkeypatch):
+    main = threading.get_ident()
+    pinned, bound = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(threading.get_ident()) or t)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append((threading.get_ident(), torch.device(d))))
+    reader = BatchReader(_data(8), 16, pin=True)
+    gpu = torch.device("cuda", 1)
+    batches = list(iterate_batches(reader, np.arange(8), 4, prefetch=2, device=gpu))
+    assert len(batches) == 2 and "index" not in batches[0]  # the unused index tensor is gone
+    assert len(pinned) == 2 * len(batches[0]) and main not in pinned
+    assert bound and bound[0][1] == gpu and bound[0][0] == pinned[0]  # set before pinning, same thread
+
+
+def test_training_binds_its_gpu_first(monkeypatch, tmp_path):
+    """``gpus = 1``: the trainer makes GPU 1 current before anything else touches CUDA."""
+    class Bound(Exception):
+        pass
+
+    bound = []
+
+    def set_device(d):
+        bound.append(torch.device(d))
+        raise Bound  # stop here: nothing after it can run on a CPU build
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Bound):
+        train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, device="cuda:1"), tmp_path, log=lambda m: None)
+    assert bound == [torch.device("cuda", 1)]
+    from cryoformer.device import bind, resolve
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    bind(resolve("cuda"))
+    bind(resolve("cpu"))
+    assert bound[1:] == [torch.device("cuda", 3)]
+
+
+# ---------------------------------------------------------------------- 10. explicit noise
+def test_noise_is_an_argument_and_equals_the_drawn_one():
+    from cryoformer.distributed import DistContext
+
+    model = CryoFormer(ModelConfig(**TINY))
+    sim = _sim()
+    args = (torch.as_tensor(sim.images[:5]), torch.as_tensor(sim.ctf.take(np.arange(5))),
+            torch.as_tensor(sim.rot[:5]), torch.as_tensor(sim.shift_px[:5]))
+    torch.manual_seed(7)
+    eps = torch.randn(5, 2)
+    torch.manual_seed(7)
+    drawn = model(*args)["mse"]
+    given = model(*args, eps=eps)["mse"]
+    assert torch.equal(drawn, given)
+    assert not torch.equal(model(*args, eps=eps + 1.0)["mse"], given)
+    # a rank's rows of the global batch's noise are the rows batch_rows gives it, dummy row included
+    full = torch.randn(5, 2)
+    for rank in range(3):
+        ctx = DistContext(rank, 3, torch.device("cpu"))
+        rows, _ = ctx.batch_rows(5)
+        assert torch.equal(ctx.own_rows(full), full[torch.as_tensor(rows)])
+        rows, w = DistContext(rank, 3, torch.device("cpu")).batch_rows(1)
+        assert torch.equal(ctx.own_rows(full[:1]), full[:1][torch.as_tensor(rows)])
+
+
+# ------------------------------------------------------------ literal attention chunk size
+def _chunk_shapes(model: CryoFormer, batch: int) -> list[tuple]:
+    """Shapes of the point sets the model's field is evaluated on in one training render."""
+    shapes = []
+
+    def density(pts, kv, return_attention=False, plan=None):
+        shapes.append((kv[0].shape[0], pts.shape[-2]))
+        zeros = torch.zeros(kv[0].shape[0], pts.shape[-2])
+        return (zeros, torch.zeros(*zeros.shape, model.cfg.tokens)) if return_attention else zeros
+
+    model.density = density
+    model.train()
+    with torch.no_grad():
+        model.render(torch.zeros(batch, model.cfg.tokens, model.cfg.channels), torch.eye(3).expand(batch, 3, 3))
+    return shapes
+
+
+def test_literal_attention_chunks_are_sized_by_the_tokens(monkeypatch):
+    """With 2 GiB free, the activations of a chunk stay within the budget (half of it): the literal form's
+    (B, P, N, N) logits get N / 4 x fewer points per chunk than the point form's (P, C) tensors."""
+    monkeypatch.setenv("CRYOFORMER_MEMORY_BYTES", str(2 << 30))
+    base = dict(box=64, pixel_size_A=2.0, zdim=8, tokens=64, channels=64)  # the job's defaults
+    point = CryoFormer(ModelConfig(**base))
+    literal = CryoFormer(ModelConfig(**base, attention="literal"))
+    batch = 8
+    assert len(_chunk_shapes(point, batch)) == 1          # a box-64 batch fits in one piece: no recomputation
+    shapes = _chunk_shapes(literal, batch)
+    biggest = max(b * p for b, p in shapes) * 64 * 64     # the (B, P, N, N) logits of one chunk
+    assert 3 * biggest * 4 <= 1 << 30, f"{biggest} elements"  # was 2^30 (4 GiB in fp32) for one tensor
+    assert sum(p for _, p in shapes) == len(literal._lattice(64)["voxels"])  # every point evaluated once
+    # the volume export too
+    vol_shapes = []
+    literal.density = lambda w, kv, return_attention=False, plan=None: vol_shapes.append(w.shape) or torch.zeros(1, w.shape[-2])
+    literal.eval()
+    literal.volume(None, 32)
+    assert 3 * max(s[-2] for s in vol_shapes) * 64 * 64 * 4 <= 1 << 30
+
+
+def test_points_per_chunk_helper():
+    from cryoformer.memory import activation_bytes_per_point, points_per_chunk
+
+    kw = dict(tokens=64, channels=64, feat_dim=32, hidden=16)
+    budget = 1 << 30
+    p = points_per_chunk("literal", batch=8, budget_bytes=budget, **kw)
+    assert p * 8 * activation_bytes_per_point("literal", **kw) <= budget
+    assert (p + 1) * 8 * activation_bytes_per_point("literal", **kw) > budget
+    assert points_per_chunk("literal", batch=8, budget_bytes=1, **kw) == 1
+    # halving the tokens roughly quarters the N x N part: more points fit
+    assert points_per_chunk("literal", batch=8, budget_bytes=budget, **{**kw, "tokens": 32}) > 2 * p
+
+
+# ------------------------------------------------------------------- 7, 12: GPU ids, torchrun
+def _fake_gpus(monkeypatch, count: int, set_device=None):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device or (lambda d: None))
+
+
+def test_bench_distributed_binds_ranks_inside_the_allocation(monkeypatch, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_distributed
+
+    import cryoformer_ext.launch as launch
+
+    _fake_gpus(monkeypatch, 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    plans = []
+
+    def spawn(fn, args, plan, **kw):
+        plans.append(plan)
+        return {"images_per_s": 1.0, "wall_s": 1.0, "timed_images": 1, "cpu_s_all_ranks": 1.0, "images_per_cpu_s": 1.0}
+
+    monkeypatch.setattr(launch, "spawn", spawn)
+    bench_distributed.main(["--ranks", "1,2", "--n", "4", "--box", "16", "--out", str(tmp_path / "r.json")])
+    assert [p.gpus for p in plans] == [["4"], ["4", "5"]]
+
+
+def test_torchrun_rank_without_a_gpu_id_gets_a_clear_error(monkeypatch):
+    from cryoformer_ext.config import JobConfig, JobConfigError
+    from cryoformer_ext.launch import joined_group
+
+    _fake_gpus(monkeypatch, 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(JobConfigError, match=r"'gpus' = '0,1' names 2 GPU\(s\), but this is local rank 2 of 4"):
+        with joined_group(JobConfig(gpus="0,1")):
+            pass
+
+
+@pytest.mark.parametrize("has_device_id", [False, True])
+def test_process_group_device_id_only_where_torch_has_it(monkeypatch, has_device_id):
+    """torch 2.2 (pyproject's floor) may lack ``init_process_group(device_id=)``."""
+    import torch.distributed as tdist
+
+    from cryoformer_ext.config import JobConfig
+    from cryoformer_ext.launch import joined_group
+
+    bound = []
+    _fake_gpus(monkeypatch, 2, set_device=lambda d: bound.append(torch.device(d)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    got = {}
+
+    def init_22(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1, store=None,
+                group_name="", pg_options=None):
+        got.update(backend=backend)
+
+    def init_new(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1, store=None,
+                 group_name="", pg_options=None, device_id=None):
+        got.update(backend=backend, device_id=device_id)
+
+    monkeypatch.setattr(tdist, "init_process_group", init_new if has_device_id else init_22)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    with joined_group(JobConfig()) as device:
+        assert device == torch.device("cuda", 1)
+    assert bound == [torch.device("cuda", 1)]
+    assert got == ({"backend": "nccl", "device_id": torch.device("cuda", 1)} if has_device_id else {"backend": "nccl"})
