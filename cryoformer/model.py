@@ -70,6 +70,17 @@ def resolve_hash_scale(cfg: ModelConfig) -> float:
     return float((cfg.box / cfg.hash_base) ** (1.0 / (cfg.hash_levels - 1)))
 
 
+# R3 sequence (Roberts 2018): fractional parts of n * (1/g, 1/g^2, 1/g^3), g the plastic number, are
+# evenly spread in the unit cube for every n
+_PLASTIC = 1.324717957244746
+_R3 = (1 / _PLASTIC, 1 / _PLASTIC ** 2, 1 / _PLASTIC ** 3)
+
+
+def jitter_offset(step: int, device=None) -> torch.Tensor:
+    """Sub-voxel offset (3,) in [-1/2, 1/2) of training step ``step``."""
+    return torch.tensor([(0.5 + step * a) % 1.0 - 0.5 for a in _R3], device=device)
+
+
 # the hash-grid corners of the canonical lattice are kept between steps up to this size (about 1 KB a
 # point: a box-128 sphere of 1.1 M points would not be kept, its occupied 15 % would)
 PLAN_BYTES = 512 << 20
@@ -197,27 +208,29 @@ class CryoFormer(nn.Module):
         return hit
 
     # ---------------------------------------------------------------- rendering
-    def render(self, tokens: torch.Tensor, rot: torch.Tensor, box: int | None = None) -> torch.Tensor:
-        """Centred projections (B, box, box) of the conformations ``tokens`` in poses ``rot``."""
+    def render(self, tokens: torch.Tensor, rot: torch.Tensor, box: int | None = None,
+               step: int | None = None) -> torch.Tensor:
+        """Centred projections (B, box, box) of the conformations ``tokens`` in poses ``rot``; ``step``:
+        the training step number (the canonical renderer's sub-voxel offset)."""
         box = box or self.cfg.box
         kv = self.head.keys_values(tokens)
         lat = self._lattice(box)
         if self.cfg.render == "canonical":
-            return self._render_canonical(kv, rot, box, lat)
+            return self._render_canonical(kv, rot, box, lat, step)
         return self._render_rotated(kv, rot, box, lat)
 
-    def _render_canonical(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
+    def _render_canonical(self, kv, rot: torch.Tensor, box: int, lat: dict, step: int | None) -> torch.Tensor:
         """Each conformation's voxel map from one evaluation of the position-only network, then projected.
 
-        In training the voxel grid is moved by a random sub-voxel offset every step (the same for all
-        images of the step). Sampled at the voxel centres only, the field would be trained only there: it
-        could do anything in between, and a map at another box would show it (FSC against the truth
-        collapsed beyond the training box's resolution, measured). Jittered, it is trained everywhere, as
-        in the rotated form, while the network still runs once per step and point."""
+        In training the voxel grid is moved by a sub-voxel offset that changes every step (the same for
+        all images of the step). Sampled at the voxel centres only, the field would be trained only there:
+        it could do anything in between, and a map at another box would show it. The offsets follow the
+        R3 low-discrepancy sequence of the step number, so they cover the voxel evenly, use no random
+        state, and a resumed or data-parallel run uses the same ones."""
         b = kv[0].shape[0]
         pts, plan, offset = lat["voxel_pts"], lat["plan"], None
-        if self.training and torch.is_grad_enabled():
-            offset = torch.rand(3, device=pts.device) - 0.5                     # voxels of ``box``
+        if step is not None and self.training and torch.is_grad_enabled():
+            offset = jitter_offset(step, pts.device)                            # voxels of ``box``
             pts, plan = pts + offset * (self.cfg.box / box), None
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
@@ -243,11 +256,12 @@ class CryoFormer(nn.Module):
     # ---------------------------------------------------------------- training step
     def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None, rot: torch.Tensor | None,
                 shift_px: torch.Tensor | None, *, sample: bool = True, eps: torch.Tensor | None = None,
-                box: int | None = None) -> dict[str, torch.Tensor]:
+                box: int | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of a minibatch. ``eps`` (B, zdim): the reparameterisation noise, drawn by the caller
         (the trainer draws it for the whole global batch of a data-parallel step); None = drawn here.
         ``box`` < the training box renders and compares at that box (the coarse stage of a coarse-to-fine
-        schedule); the encoders always see the training box."""
+        schedule); the encoders always see the training box. ``step``: the global training step (see
+        :meth:`_render_canonical`)."""
         cfg = self.cfg
         x = images / cfg.data_scale
         out: dict[str, torch.Tensor] = {}
@@ -276,7 +290,7 @@ class CryoFormer(nn.Module):
             pixel_size = cfg.pixel_size_A * cfg.box / box
             shift = None if shift_px is None else shift_px * (box / cfg.box)
         tokens = self.tokens_from_latent(z, x.shape[0])
-        proj = self.render(tokens, rot, box)
+        proj = self.render(tokens, rot, box, step)
         pred = corrupt(proj, pixel_size, shift, ctf_params)
         out["mse"] = ((pred - target.float()) ** 2).mean()
         out["pred"] = pred

@@ -307,7 +307,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             eps = latent_noise(ctx, len(global_batches[step]), model_cfg.zdim, device) if model_cfg.zdim > 0 else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,
-                          box=stage_box(model_cfg.box, coarse, occupancy))
+                          box=stage_box(model_cfg.box, coarse, occupancy), step=epoch * steps_per_epoch + step)
             loss = out["mse"]
             if "kl" in out:
                 loss = loss + kl_w * out["kl"]

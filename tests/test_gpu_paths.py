@@ -410,41 +410,44 @@ def test_noise_is_an_argument_and_equals_the_drawn_one():
 
 
 # ------------------------------------------------------------ literal attention chunk size
-def _chunk_shapes(model: CryoFormer, batch: int) -> list[tuple]:
-    """Shapes of the point sets the model's field is evaluated on in one training render."""
+def _chunk_shapes(model: CryoFormer, batch: int, box: int | None = None) -> list[tuple]:
+    """(images, points) of each piece the spatial attention is evaluated on in one training render
+    (or one map export when ``box`` is given); the attention itself is replaced by zeros."""
     shapes = []
 
-    def density(pts, kv, return_attention=False, plan=None):
-        shapes.append((kv[0].shape[0], pts.shape[-2]))
-        zeros = torch.zeros(kv[0].shape[0], pts.shape[-2])
+    def attend(query, kv, return_attention=False):
+        p = query[0].shape[-3] if model.cfg.attention == "literal" else query[0].shape[-2]
+        shapes.append((kv[0].shape[0], p))
+        zeros = torch.zeros(kv[0].shape[0], p)
         return (zeros, torch.zeros(*zeros.shape, model.cfg.tokens)) if return_attention else zeros
 
-    model.density = density
-    model.train()
+    model.head.attend = attend
     with torch.no_grad():
-        model.render(torch.zeros(batch, model.cfg.tokens, model.cfg.channels), torch.eye(3).expand(batch, 3, 3))
+        if box is None:
+            model.train()
+            model.render(torch.zeros(batch, model.cfg.tokens, model.cfg.channels), torch.eye(3).expand(batch, 3, 3))
+        else:
+            model.eval()
+            model.volume(None, box)
     return shapes
 
 
 def test_literal_attention_chunks_are_sized_by_the_tokens(monkeypatch):
-    """With 2 GiB free, the activations of a chunk stay within the budget (half of it): the literal form's
-    (B, P, N, N) logits get N / 4 x fewer points per chunk than the point form's (P, C) tensors."""
-    monkeypatch.setenv("CRYOFORMER_MEMORY_BYTES", str(2 << 30))
+    """With 8 GiB free (a budget of 4 GiB), a box-64 batch of the point form is evaluated in one piece, and
+    the literal form's (B, P, N, N) tensors are cut into pieces that fit the budget (at the old fixed
+    2^18-point chunks one such tensor had 2^30 elements, 4 GiB)."""
+    monkeypatch.setenv("CRYOFORMER_MEMORY_BYTES", str(8 << 30))
     base = dict(box=64, pixel_size_A=2.0, zdim=8, tokens=64, channels=64)  # the job's defaults
     point = CryoFormer(ModelConfig(**base))
     literal = CryoFormer(ModelConfig(**base, attention="literal"))
     batch = 8
-    assert len(_chunk_shapes(point, batch)) == 1          # a box-64 batch fits in one piece: no recomputation
+    assert len(_chunk_shapes(point, batch)) == 1          # no recomputation: it fits
     shapes = _chunk_shapes(literal, batch)
-    biggest = max(b * p for b, p in shapes) * 64 * 64     # the (B, P, N, N) logits of one chunk
-    assert 3 * biggest * 4 <= 1 << 30, f"{biggest} elements"  # was 2^30 (4 GiB in fp32) for one tensor
+    biggest = max(b * p for b, p in shapes) * 64 * 64     # the (B, P, N, N) logits of one piece
+    assert len(shapes) > 1 and 3 * biggest * 4 <= 4 << 30, f"{biggest} elements"
     assert sum(p for _, p in shapes) == len(literal._lattice(64)["voxels"])  # every point evaluated once
-    # the volume export too
-    vol_shapes = []
-    literal.density = lambda w, kv, return_attention=False, plan=None: vol_shapes.append(w.shape) or torch.zeros(1, w.shape[-2])
-    literal.eval()
-    literal.volume(None, 32)
-    assert 3 * max(s[-2] for s in vol_shapes) * 64 * 64 * 4 <= 1 << 30
+    vol_shapes = _chunk_shapes(literal, 1, box=64)         # the map export too
+    assert 3 * max(p for _, p in vol_shapes) * 64 * 64 * 4 <= 4 << 30
 
 
 def test_points_per_chunk_helper():
