@@ -294,13 +294,13 @@ def _abort_at_start(out_dir: Path, log: _Log) -> int:
     log.out(f"{_nodes.ABORT_NOW} exists: Abort was pressed before the job started (e.g. while it waited in a "
             "queue); nothing was run. Continue starts the job (RELION removes the request first); when running "
             f"by hand, delete {out_dir / _nodes.ABORT_NOW} first")
-    _finish(out_dir, _nodes.EXIT_ABORTED, log)
     log.out("finished: aborted")
+    _finish(out_dir, _nodes.EXIT_ABORTED, log)
     return 3
 
 
 def _finish(out_dir: Path, which: str, log: _Log) -> None:
-    """Write the exit file first, before any logging: on a full disk the log may fail, the exit file must not."""
+    """Write the exit file; logging never raises (see :class:`_Log`), so a full disk cannot skip this."""
     try:
         _nodes.write_exit(out_dir, which)
     except OSError as err:
@@ -323,25 +323,32 @@ def _main_guarded(opts: dict[str, str | None], out_dir: Path, log: _Log) -> int:
         status = run(opts, out_dir, log)
         if status is None:  # torchrun rank > 0: done with its share
             return 0
+        log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
         if writes_exit:
             _nodes.write_exit(out_dir, status)
     except (KeyboardInterrupt, Terminated) as err:
-        if writes_exit:
-            _finish(out_dir, _nodes.EXIT_ABORTED, log)
         log.err(("terminated by a signal" if isinstance(err, Terminated) else "interrupted")
                 + "; the last finished epoch's checkpoint is kept: Continue resumes from it")
+        if writes_exit:
+            _finish(out_dir, _nodes.EXIT_ABORTED, log)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure must end in RELION_JOB_EXIT_FAILURE
-        if writes_exit:
-            _finish(out_dir, _nodes.EXIT_FAILURE, log)
-        message = str(err) if isinstance(err, UsageError) else user_message(err)
+        message = str(err) if isinstance(err, UsageError) else _user_message(err)
         if message is None:  # a bug, not bad input: keep the traceback for the report
             log.print_traceback()
             message = f"{type(err).__name__}: {err}"
         log.err(message)
+        if writes_exit:  # last: RELION may show run.err as soon as it sees the exit file
+            _finish(out_dir, _nodes.EXIT_FAILURE, log)
         return 1
-    log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
     return 0 if status == _nodes.EXIT_SUCCESS else 3
+
+
+def _user_message(err: Exception) -> str | None:
+    try:
+        return user_message(err)
+    except Exception:  # noqa: BLE001 - e.g. torch cannot be imported: still end with an exit file
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover
