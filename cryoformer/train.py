@@ -165,7 +165,8 @@ def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, e
         cause = _os_error_in_chain(err)  # torch's zip writer reports a failed write as a RuntimeError
         if cause is None:
             raise
-        reason = "no space left on device" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else (cause.strerror or str(cause))
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "no space left on device" if full else (cause.strerror or str(cause))
         kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
         raise CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})",
                                    str(path)) from None

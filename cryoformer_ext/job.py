@@ -96,14 +96,17 @@ def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
     list here), except those measured from the data.
     """
     changes: dict[str, str] = {}
-    for name in sorted(new.model_fields_set - MEASURED_FIELDS, key=lambda f: f not in JobConfig.model_fields):
+    order = list(ModelConfig.model_fields)  # fields named like a parameter first: they name the change best
+    for name in sorted(new.model_fields_set - MEASURED_FIELDS,
+                       key=lambda f: (f not in JobConfig.model_fields, order.index(f))):
         a, b = getattr(old, name), getattr(new, name)
         same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6))
         param = name if name in JobConfig.model_fields else PARAMETER_OF.get(name, name)
         if same or param in changes:
             continue
         if name == "pixel_size_A":  # same training box, other pixel size: other particles
-            changes[param] = f"pixel size of the training box = {a:g} Å in the checkpoint, {b:g} Å now (other particles?)"
+            changes[param] = (f"pixel size of the training box = {a:g} Å in the checkpoint, {b:g} Å now "
+                              "(other particles?)")
         else:
             changes[param] = f"{param} = {a} in the checkpoint, {b} now"
     return list(changes.values())

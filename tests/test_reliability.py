@@ -235,7 +235,8 @@ GENERAL = "\n# version 50001\n\ndata_general\n\n_rlnTomoSubTomosAre2DStacks     
 
 
 @pytest.mark.parametrize("text, marker", [
-    (GENERAL + OPTICS.format(dim=2) + PARTICLES.format(extra_labels="", image="Extract/job010/Subtomograms/TS_01/1_stack2d.mrcs", extra_values=""),
+    (GENERAL + OPTICS.format(dim=2) + PARTICLES.format(
+        extra_labels="", image="Extract/job010/Subtomograms/TS_01/1_stack2d.mrcs", extra_values=""),
      "data_general has rlnTomoSubTomosAre2DStacks"),
     (OPTICS.format(dim=2) + PARTICLES.format(extra_labels="_rlnTomoName #4\n_rlnTomoParticleName #5\n",
                                              image="1@a.mrcs", extra_values="TS_01 TS_01/1"),
@@ -337,7 +338,8 @@ def test_7_cli_ctrl_c(sim, monkeypatch, capsys):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("error, expect", [
-    (FloatingPointError("loss became nan at epoch 1 step 3"), "training diverged: loss became nan at epoch 1 step 3. Lower the learning rate"),
+    (FloatingPointError("loss became nan at epoch 1 step 3"),
+     "training diverged: loss became nan at epoch 1 step 3. Lower the learning rate"),
     (PermissionError(errno.EACCES, "Permission denied", "External/job006/x.mrc"), "permission denied (External/job006/x.mrc)"),
     (OSError(errno.ENOSPC, "No space left on device", "External/job006/x.mrc"), "no space left on device while writing External/job006/x.mrc"),
 ])
