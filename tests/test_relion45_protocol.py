@@ -5,7 +5,7 @@
 abort request, launches the program, waits for an exit file and records the status and our output nodes
 in ``default_pipeline.star``); ``jobhN`` prints the command line that version builds; ``harnessN`` reads
 our STAR files with that version's ``MetaDataTable``. RELION's code is the judge of every check here.
-Each version gets its own copy of a tiny simulated project (box 16, 64 particles, 1 epoch, small model).
+Each version gets its own copy of a tiny simulated project (box 16, 32 particles, 1 epoch, small model).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not all((TOOLS / f"{t}{v}").exists() for t in ("
                                         for v in (4, 5)),
                                 reason=f"RELION 4.0/5.0 protocol tools not found in {TOOLS} (see its README)")
 
-N, BOX = 64, 16
+N, BOX = 32, 16
 PARAMS = {"epochs": "1", "zdim": "3", "tokens": "8", "channels": "16", "enc_layers": "2", "enc_dim": "32",
           "kmeans": "2", "pcs": "1", "pc_steps": "2", "batch_size": "16"}
 TIMEOUT = 400  # seconds for one pipeliner run (a few on an idle machine; CI machines are shared)
