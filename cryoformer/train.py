@@ -7,6 +7,8 @@ aborted, killed or continued by RELION picks up exactly where the last finished 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import queue
@@ -30,6 +32,17 @@ CHECKPOINT_NAME = "last.pt"
 
 class TrainingAborted(RuntimeError):
     """Raised when the caller's abort check turns true; the last epoch checkpoint is kept."""
+
+
+class CheckpointWriteError(OSError):
+    """The checkpoint could not be written (typically a full disk); the previous one is left intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint exists but cannot be loaded (damaged, truncated, or not a cryoFormer checkpoint)."""
 
 
 class TrainConfig(BaseModel):
@@ -164,15 +177,37 @@ def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, e
         "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        # through a Python file object: a full disk then raises OSError(ENOSPC), where torch.save(path)
+        # reports only an internal "unexpected pos" error
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = _os_error_in_chain(err)  # torch's zip writer reports a failed write as a RuntimeError
+        if cause is None:
+            raise
+        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = "no space left on device" if full else (cause.strerror or str(cause))
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
+        raise CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})",
+                                   str(path)) from None
+
+
+def _os_error_in_chain(err: BaseException | None) -> OSError | None:
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # noqa: BLE001
-        raise RuntimeError(f"{path}: cannot read checkpoint ({err})") from None
+        raise CheckpointReadError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err}); it is damaged "
+                                  "or not a cryoFormer checkpoint: delete it to train from the start") from None
 
 
 def coarse_box(box: int) -> int:

@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from . import analyze_cli
-from .config import JobConfig, JobConfigError
+from .config import JobConfig
+from .failures import user_message
 
 
 def _add_job_options(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -37,15 +38,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .job import run_job
     from .star_io import read_particles_star
 
-    star = read_particles_star(args.particles, args.project_dir)
+    star = read_particles_star(args.particles, args.project_dir, require_ctf=_job_config(args).ctf)
     cfg = _job_config(args, {} if star.data.has_poses else {"poses": "predict"})
     _log(f"read {star.record.n_particles} particles from {args.particles} (box {star.data.box}, "
          f"{star.data.pixel_size_A:.3f} A/px, poses {'given' if star.data.has_poses else 'absent'})")
     result = run_job(star.data, cfg, args.out, log=_log)
     if result is None:  # rank > 0 under torchrun: rank 0 writes the outputs
         return 0
-    out = star.write(Path(args.out) / "particles.star", latents=result.latents, labels=result.labels)
-    _log(f"wrote {out}, {len(result.maps)} maps, summary {result.summary_file}")
+    extra = star.predicted_pose_columns(result.predicted_poses)
+    out = star.write(Path(args.out) / "particles.star", latents=result.latents, labels=result.labels, extra=extra)
+    _log(f"wrote {out}" + (" with the predicted orientations" if extra else "")
+         + f", {len(result.maps)} maps, summary {result.summary_file}")
     return 0
 
 
@@ -109,8 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (JobConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"cryoformer {args.command}: error: {err}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"cryoformer {args.command}: interrupted; the last finished epoch's checkpoint is kept: run the same "
+              "command again to continue from it", file=sys.stderr, flush=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line for what a user can fix
+        message = user_message(err)
+        if message is None and isinstance(err, (ValueError, RuntimeError)):
+            message = str(err)
+        if message is None:  # a bug: keep the traceback
+            raise
+        print(f"cryoformer {args.command}: error: {message}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -12,6 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+#: the one rule for particles without CTF parameters, in every entry point (STAR, .cs, live cryoSPARC)
+NO_CTF_HINT = ("cryoFormer needs them to model the images; if these images really have no CTF (simulated, or "
+               "already CTF-corrected), set the job parameter ctf = no")
+NO_CTF_LOG = ("WARNING: ctf = no: training without CTF correction (right only for images without a CTF, "
+              "e.g. simulated or already CTF-corrected)")
+
+
 class JobConfigError(ValueError):
     """A job parameter has a value that cannot be used; the message names the parameter."""
 
@@ -26,6 +33,7 @@ class JobConfig(BaseModel):
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (hash tables 10x)")
     poses: Literal["given", "refine", "predict"] = Field(
         "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
+    ctf: bool = Field(True, description="particles carry CTF parameters; no = images without a CTF (simulated or already corrected): train without CTF correction")
     attention: Literal["point", "literal"] = Field("point", description="spatial attention form (literal: small boxes / ablations)")
     tokens: int = Field(64, ge=1, description="structure queries N")
     channels: int = Field(64, ge=4, description="token width C")

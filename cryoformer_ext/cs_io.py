@@ -42,6 +42,7 @@ from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import cryosparc_pose_to_rot, rot_to_cryosparc_pose
 from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
 from cryoformer_ext.outputs import atomic_path, atomic_write_text
+from cryoformer_ext.config import NO_CTF_HINT
 
 
 class CsInputError(ValueError):
@@ -135,12 +136,34 @@ def check_box(dset: Dataset, source: str) -> int:
     return int(boxes[0])
 
 
-def ctf_from_dataset(dset: Dataset, source: str = "particles") -> CTFParams:
-    """``ctf/*`` (Å, radians) -> :class:`CTFParams` (Å, degrees)."""
+def _check_finite(dset: Dataset, names: Iterable[str], source: str) -> None:
+    """NaN/inf in a CTF or pose field: name the particle (row and uid) and the field, before any training."""
+    for name in names:
+        if name not in dset.fields():
+            continue
+        vals = np.asarray(dset[name], dtype=np.float64).reshape(len(dset), -1)
+        bad = np.nonzero(~np.isfinite(vals).all(axis=1))[0]
+        if len(bad):
+            r = int(bad[0])
+            more = f" (and {len(bad) - 1} more particles)" if len(bad) > 1 else ""
+            raise CsInputError(f"{source}: particle {r} (uid {int(dset['uid'][r])}): {name} is "
+                               f"{vals[r].tolist() if vals.shape[1] > 1 else vals[r, 0]}, not a finite number{more}")
+
+
+def ctf_from_dataset(dset: Dataset, source: str = "particles", *, require: bool = True) -> CTFParams | None:
+    """``ctf/*`` (Å, radians) -> :class:`CTFParams` (Å, degrees).
+
+    No ``ctf/*`` field at all gives None when ``require`` is false (job parameter ``ctf = no``): the same
+    rule as for RELION particles without CTF columns. Some fields but not all is always an error.
+    """
     miss = missing_fields(dset, CTF_FIELDS)
+    if len(miss) == len(CTF_FIELDS) and not require:
+        return None
     if miss:
         raise CsInputError(f"{source}: the particles have no CTF parameters (missing {', '.join(miss)}); "
-                           "use particles extracted from CTF-estimated micrographs, or import them with CTF")
+                           "use particles extracted from CTF-estimated micrographs, or import them with CTF. "
+                           + NO_CTF_HINT)
+    _check_finite(dset, list(CTF_FIELDS) + list(CTF_OPTIONAL), source)
 
     def col(name: str, default: float | None = None) -> np.ndarray:
         if name in dset.fields():
@@ -213,7 +236,7 @@ class CsParticles:
 
 def particles_from_dataset(dset: Dataset, project_dir: str | os.PathLike, *, source: str = "particles",
                            export_dir: str | os.PathLike | None = None, use_poses: bool = True,
-                           check_stacks: bool = True) -> CsParticles:
+                           check_stacks: bool = True, require_ctf: bool = True) -> CsParticles:
     """Build :class:`ParticleData` from a particle dataset; images stay on disk (lazy memmap).
 
     Raises :class:`CsInputError` for missing blob/CTF fields, mixed box or pixel sizes and missing or
@@ -231,7 +254,7 @@ def particles_from_dataset(dset: Dataset, project_dir: str | os.PathLike, *, sou
     psize = _single_value(dset, "blob/psize_A", "pixel sizes (blob/psize_A)", source)
     if not psize > 0:
         raise CsInputError(f"{source}: blob/psize_A is {psize}, expected a positive pixel size in Å")
-    ctf = ctf_from_dataset(dset, source)
+    ctf = ctf_from_dataset(dset, source, require=require_ctf)
 
     raw_paths = [strip_export_prefix(p) for p in dset["blob/path"]]
     uniq_raw = sorted(set(raw_paths))
@@ -249,7 +272,7 @@ def particles_from_dataset(dset: Dataset, project_dir: str | os.PathLike, *, sou
     paths = [resolved_of[rp] for rp in raw_paths]
     idx = np.asarray(dset["blob/idx"], dtype=np.int64)
     try:
-        images = MrcStackSource(paths, idx, check=check_stacks)
+        images = MrcStackSource(paths, idx, check=check_stacks, origin=source)
     except ImageStackError as err:
         raise CsInputError(f"{source}: {err}") from None
     if check_stacks and images.box != box:
@@ -257,6 +280,7 @@ def particles_from_dataset(dset: Dataset, project_dir: str | os.PathLike, *, sou
 
     rot = shift_px = None
     if use_poses and has_poses(dset):
+        _check_finite(dset, POSE_FIELDS, source)
         rot, shift_px = poses_from_dataset(dset, psize)
 
     warn = []

@@ -23,7 +23,7 @@ class MrcStackSource:
     """:class:`cryoformer.data.ImageSource` over many MRC stacks (memory-mapped, opened on demand)."""
 
     def __init__(self, paths: list[str | os.PathLike], indices: np.ndarray, *, check: bool = True,
-                 what: str = "particle"):
+                 what: str = "particle", origin: str | None = None, first_line: int | None = None):
         files = [Path(p) for p in paths]
         uniq, inverse = np.unique(np.asarray([str(p) for p in files], dtype=object), return_inverse=True)
         self._files = [Path(u) for u in uniq]
@@ -33,6 +33,8 @@ class MrcStackSource:
             raise ValueError("one index per particle is needed")
         self._maps: dict[int, np.ndarray] = {}
         self._what = what
+        # where particle i was listed (the STAR or .cs file, and the file line of particle 0): error messages
+        self._origin, self._first_line = origin, first_line
         self._box: int | None = None
         if check:
             self.check()
@@ -96,7 +98,20 @@ class MrcStackSource:
             sel = np.nonzero(files == k)[0]
             arr = self._open(int(k))
             out[sel] = arr[self._index[indices[sel]]]
+        bad = ~np.isfinite(out).all(axis=(1, 2))
+        if bad.any():  # checked per minibatch: free, where a scan of every stack up front would not be
+            raise self._not_finite(int(indices[np.argmax(bad)]))
         return out
+
+    def _not_finite(self, i: int) -> ImageStackError:
+        where = f"{self._what} {i + 1}"
+        if self._first_line is not None:
+            where += f" (line {self._first_line + i})"
+        if self._origin:
+            where = f"{self._origin}: {where}"
+        stack = self._files[int(self._file_of[i])]
+        return ImageStackError(f"{where}: image {int(self._index[i]) + 1} of {stack} holds NaN or infinite pixel "
+                               "values (a damaged stack or a failed extraction): remove this particle or re-extract")
 
     @property
     def files(self) -> list[Path]:

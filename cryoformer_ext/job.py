@@ -6,7 +6,9 @@ they read particles and how they hand results back to their host program.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,10 +22,10 @@ from cryoformer.data import ParticleData
 from cryoformer.distributed import current as dist_current
 from cryoformer.infer import Reconstruction
 from cryoformer.model import ModelConfig
-from cryoformer.train import TrainConfig, TrainingAborted, estimate_data_scale, train
+from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, estimate_data_scale, load_checkpoint, train
 
 from .analysis import AnalysisResult, MapRecord, analyze
-from .config import JobConfig, JobConfigError
+from .config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
 from .launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
 from .outputs import atomic_write_text, save_npy
 
@@ -33,6 +35,13 @@ CONFIG_FILE = "job_config.json"
 ANALYSIS_DIR = "analysis"
 LOSS_FILE = "loss_history.json"
 OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels
+ENCODE_CHUNK = 8192  # particles encoded between two abort checks
+
+#: ModelConfig fields measured from the data rather than set by a parameter: Continue keeps the checkpoint's
+MEASURED_FIELDS = frozenset({"data_scale"})
+#: the job parameter behind a ModelConfig field whose name is not a parameter's
+PARAMETER_OF = {"box": "train_box", "pixel_size_A": "train_box", "pose_mode": "poses", "heads": "channels",
+                "occupancy_cells": "occupancy"}
 
 
 class JobAborted(RuntimeError):
@@ -88,6 +97,75 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
         occupancy_cells=max(1, tb // OCCUPANCY_CELL_PX) if config.occupancy else 0)
 
 
+def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
+    """How the model this run's parameters ask for differs from a checkpoint's, one entry per parameter.
+
+    Compared: every ModelConfig field the job sets (``new.model_fields_set``: whatever
+    :func:`model_config_for` maps from the parameters, so a new model parameter is covered without a
+    list here), except those measured from the data.
+    """
+    changes: dict[str, str] = {}
+    order = list(ModelConfig.model_fields)  # fields named like a parameter first: they name the change best
+    for name in sorted(new.model_fields_set - MEASURED_FIELDS,
+                       key=lambda f: (f not in JobConfig.model_fields, order.index(f))):
+        a, b = getattr(old, name), getattr(new, name)
+        same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6))
+        param = name if name in JobConfig.model_fields else PARAMETER_OF.get(name, name)
+        if same or param in changes:
+            continue
+        if name == "pixel_size_A":  # same training box, other pixel size: other particles
+            changes[param] = (f"pixel size of the training box = {a:g} Å in the checkpoint, {b:g} Å now "
+                              "(other particles?)")
+        else:
+            changes[param] = f"{param} = {a} in the checkpoint, {b} now"
+    return list(changes.values())
+
+
+def check_continue(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
+    """Refuse to continue a checkpoint with parameters that change the model (it would silently train the old one)."""
+    path = Path(ckpt_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return
+    old = ModelConfig(**load_checkpoint(path)["model_config"])
+    changes = architecture_changes(old, model_cfg)
+    if changes:
+        raise JobConfigError(
+            f"{path}: Continue cannot change the model: {'; '.join(changes)}. To keep training this model, set "
+            f"these parameters back to the checkpoint's values; to train with the new values, start a new job "
+            f"(or delete {path.parent})")
+
+
+def _abort_if(should_abort: Callable[[], bool], when: str, ctx=None) -> None:
+    if should_abort() if ctx is None else ctx.any(should_abort()):
+        raise JobAborted(f"aborted {when}; training is complete and its checkpoint is kept: Continue redoes only "
+                         "the inference and the analysis")
+
+
+class _AbortableGenerator:
+    """The trained model as the analysis sees it, stopping at the next map when the host asks to abort."""
+
+    def __init__(self, rec: Reconstruction, should_abort: Callable[[], bool]):
+        self._rec, self._should_abort = rec, should_abort
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rec, name)
+
+    def volumes(self, z, box=None):
+        _abort_if(self._should_abort, "during the analysis")
+        return self._rec.volumes(z, box)
+
+
+def _encode(rec: Reconstruction, data: ParticleData, should_abort: Callable[[], bool], ctx) -> np.ndarray:
+    """Latents of every particle, in chunks with an abort check between them (one call in a group)."""
+    if ctx is not None:  # a collective: every rank must take part, so no early exit here
+        return rec.encode(data)
+    parts = []
+    for s in range(0, len(data), ENCODE_CHUNK):
+        _abort_if(should_abort, "during the inference")
+        parts.append(rec.encode(data, indices=np.arange(s, min(s + ENCODE_CHUNK, len(data)))))
+    return np.concatenate(parts)
+
+
 def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *,
             log: Callable[[str], Any] = print, should_abort: Callable[[], bool] = lambda: False) -> JobResult | None:
     """Train (or resume), infer latents, analyse; every output lands in ``out_dir`` atomically.
@@ -97,6 +175,11 @@ def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *
     dies); under torchrun (RANK/WORLD_SIZE set) this process is one rank and only rank 0 gets a result
     (the others return None after their share of training and inference).
     """
+    if not config.ctf:
+        log(NO_CTF_LOG)
+        data = dataclasses.replace(data, ctf=None)
+    elif data.ctf is None:
+        raise JobConfigError(f"the particles have no CTF parameters. {NO_CTF_HINT}")
     plan = job_plan(config)
     if plan.mode == "spawn":
         return _run_spawned(data, config, Path(out_dir), plan, log=log, should_abort=should_abort)
@@ -136,10 +219,11 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     device = select_device(config) if device is None else device
     ctx = dist_current(device)
     main = ctx is None or ctx.is_main  # rank 0 (or the only process) writes every output
-    if main:
-        atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
     scale = estimate_data_scale(data, training_box(config, data.box), seed=config.seed)
     model_cfg = model_config_for(data, config, scale)
+    check_continue(out_dir / CHECKPOINT_DIR, model_cfg)
+    if main:
+        atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
     train_cfg = train_config_for(config, device)
     try:
         model, history = train(data, model_cfg, train_cfg, out_dir / CHECKPOINT_DIR, log=log,
@@ -149,12 +233,11 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     timings["train"] = time.perf_counter() - t0
     if main:
         atomic_write_text(out_dir / LOSS_FILE, json.dumps(history))
-    if should_abort() if ctx is None else ctx.any(should_abort()):
-        raise JobAborted("aborted after training; the final checkpoint is kept")
+    _abort_if(should_abort, "after training", ctx)
 
     t1 = time.perf_counter()
     rec = Reconstruction(model, history, config.epochs)
-    latents = rec.encode(data)  # in a group: each rank encodes its shard, gathered in input order
+    latents = _encode(rec, data, should_abort, ctx)  # in a group: each rank its shard, gathered in input order
     latents_file = save_npy(out_dir / LATENTS_FILE, latents) if main else None
     poses = rec.predict_poses(data)
     if not main:
@@ -165,15 +248,18 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
         os.replace(out_dir / ".predicted_poses.npz.tmp", out_dir / "predicted_poses.npz")
     timings["inference"] = time.perf_counter() - t1
     log(f"latents of {len(latents)} particles written to {latents_file}")
+    _abort_if(should_abort, "after the inference")
 
     t2 = time.perf_counter()
     n = len(data)
-    result = analyze(latents if config.zdim > 0 else None, rec, out_dir / ANALYSIS_DIR, k=min(config.kmeans, n),
+    result = analyze(latents if config.zdim > 0 else None, _AbortableGenerator(rec, should_abort),
+                     out_dir / ANALYSIS_DIR, k=min(config.kmeans, n),
                      n_pcs=min(config.pcs, config.zdim), pc_steps=config.pc_steps, seed=config.seed,
                      map_box=config.map_box, loss_history=history,
                      settings={"job": config.model_dump(), "model": model_cfg.model_dump(),
                                "n_particles": n, "input_box": data.box, "input_pixel_size_A": data.pixel_size_A},
                      log=log)
+    _abort_if(should_abort, "during the analysis")
     timings["analysis"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
     labels = None if result.labels is None else np.asarray(result.labels, dtype=np.int64)

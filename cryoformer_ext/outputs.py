@@ -2,7 +2,9 @@
 
 RELION and cryoSPARC users rerun and continue jobs; a crash half-way through writing a STAR file or a
 map must never leave something that a downstream job would read as valid. So everything is written to
-a temporary name in the same folder and renamed into place (rename is atomic on POSIX).
+a temporary name in the same folder and renamed into place (rename is atomic on POSIX). The final file
+gets the mode any other program's output would get (0666 minus the umask), not ``mkstemp``'s 0600, so
+the other members of a shared RELION or cryoSPARC project can read it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,20 @@ import mrcfile
 import numpy as np
 
 
+def default_file_mode() -> int:
+    """0666 minus the process umask: the mode ``open()`` gives a new file (``mkstemp`` ignores the umask)."""
+    try:
+        with open("/proc/self/status") as fh:  # Linux: reads the umask without changing it
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
@@ -27,6 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -16,6 +16,12 @@ CTF values are taken per particle first, then from the particle's optics group, 
 (``CTF::readValue``): amplitude contrast 0, B-factor 0, scale 1, phase shift 0, DefocusV = DefocusU,
 defocus angle 0. Voltage and Cs have no default (RELION's observation model requires them).
 
+RELION 5 tomography particles (``rlnTomoName``/``rlnTomoParticleName``, ``rlnImageDimensionality`` 3, or a
+``data_general`` block with ``rlnTomoSubTomosAre2DStacks``) are refused with one message saying so.
+
+Particles without CTF columns are refused unless the caller allows it (job parameter ``ctf = no``: images
+without a CTF, e.g. simulated): the same rule as for cryoSPARC particles.
+
 Every problem raises :class:`StarFileError` whose message starts with the STAR file's path and names
 the particle (1-based row and file line), column or optics group where that is possible.
 """
@@ -36,6 +42,7 @@ from pydantic import BaseModel
 
 from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import relion_euler_to_rot, rot_to_relion_euler
+from cryoformer_ext.config import NO_CTF_HINT
 from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
 from cryoformer_ext.outputs import atomic_write_text
 
@@ -95,6 +102,28 @@ class ParticleStar:
             return write_particles_star(path, None, df, version=None,
                                         particles_block=self.record.particles_block)
         return write_particles_star(path, self.optics, df, version=self.record.version or 30001)
+
+    def predicted_pose_columns(self, predicted: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Columns for the orientation encoder's poses when the input had none (else nothing).
+
+        Input poses are never overwritten (``poses = refine`` keeps them; the refined ones are in
+        ``predicted_poses.npz``), so every entry point writes the same ``particles.star``.
+        """
+        if predicted is None or self.record.has_poses:
+            return {}
+        return pose_columns(predicted[0], predicted[1], self.record.pixel_size_A, self.record.relion_format)
+
+
+def pose_columns(rot: np.ndarray, shift_px: np.ndarray, pixel_size_A: float, relion_format: str) -> dict:
+    """RELION columns for poses in the engine convention (origins in Å for 3.1+, pixels for 3.0)."""
+    a_rot, a_tilt, a_psi = rot_to_relion_euler(np.asarray(rot))
+    shift = np.asarray(shift_px, dtype=np.float64)
+    cols = {"rlnAngleRot": a_rot, "rlnAngleTilt": a_tilt, "rlnAnglePsi": a_psi}
+    if relion_format == "3.0":
+        cols.update(rlnOriginX=shift[:, 0], rlnOriginY=shift[:, 1])
+    else:
+        cols.update(rlnOriginXAngst=shift[:, 0] * pixel_size_A, rlnOriginYAngst=shift[:, 1] * pixel_size_A)
+    return cols
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +213,7 @@ def _parse_image_names(names: pd.Series, ctx: _Ctx, root: Path) -> tuple[list[st
     return paths, idx.astype(np.int64) - 1
 
 
-def _read_tables(path: Path) -> tuple[str, dict[str, pd.DataFrame]]:
+def _read_tables(path: Path) -> tuple[str, dict[str, pd.DataFrame], dict]:
     if not path.exists():
         raise StarFileError(f"{path}: STAR file not found")
     try:
@@ -198,20 +227,46 @@ def _read_tables(path: Path) -> tuple[str, dict[str, pd.DataFrame]]:
     except Exception as err:  # noqa: BLE001 - starfile/pandas raise many types
         raise StarFileError(f"{path}: not a readable STAR file ({type(err).__name__}: {err})") from None
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
-    return text, tables
+    return text, tables, blocks
+
+
+TOMO_COLUMNS = ("rlnTomoName", "rlnTomoParticleName")
+
+
+def _tomography_marker(blocks: dict) -> str | None:
+    """What marks a RELION 5 tomography particle file (None for single-particle data)."""
+    general = blocks.get("general")
+    if isinstance(general, dict) and "rlnTomoSubTomosAre2DStacks" in general:
+        return "data_general has rlnTomoSubTomosAre2DStacks"
+    for name, block in blocks.items():
+        if not isinstance(block, pd.DataFrame):
+            continue
+        for col in TOMO_COLUMNS:
+            if col in block.columns:
+                return f"{col} in data_{name}"
+        if "rlnImageDimensionality" in block.columns:
+            dims = pd.to_numeric(block["rlnImageDimensionality"], errors="coerce")
+            if (dims == 3).any():
+                return f"rlnImageDimensionality 3 in data_{name}"
+    return None
 
 
 def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None = None, *,
-                        check_images: bool = True) -> ParticleStar:
+                        check_images: bool = True, require_ctf: bool = True) -> ParticleStar:
     """Read a RELION 3.0/3.1/4.0/5.0 particle STAR file.
 
     ``root`` is the RELION project directory that image names are relative to (default: the current
     directory). With ``check_images`` every referenced stack is opened once (missing files, box size,
     index range); without it only the metadata is read and images are opened on first access.
+    Without ``require_ctf`` particles with no CTF columns are read as CTF-free (``data.ctf`` None).
     """
     path = Path(path)
     root = Path(root) if root is not None else Path.cwd()
-    text, tables = _read_tables(path)
+    text, tables, blocks = _read_tables(path)
+    tomo = _tomography_marker(blocks)
+    if tomo:
+        raise StarFileError(f"{path}: RELION tomography particles ({tomo}) are not supported: cryoFormer "
+                            "reconstructs single-particle images (2D stacks named NNNNNN@stack.mrcs)")
     version = _version_line(text)
     first_lines = _block_lines(text)
 
@@ -353,8 +408,8 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
             bfactor=value("rlnCtfBfactor", 0.0), scale=value("rlnCtfScalefactor", 1.0))
         if "rlnAmplitudeContrast" not in pcols and (optics is None or "rlnAmplitudeContrast" not in optics.columns):
             notes.append("no rlnAmplitudeContrast: using RELION's default 0")
-    else:
-        notes.append("no rlnDefocusU column: the particles are treated as CTF-free")
+    elif require_ctf:
+        raise StarFileError(f"{path}: the particles have no CTF parameters (no rlnDefocusU column). {NO_CTF_HINT}")
 
     # --- poses ------------------------------------------------------------------------------------
     ang_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -384,7 +439,7 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
                 raise ctx.error(f"image stack {f} (from rlnImageName {particles['rlnImageName'].iloc[r]!r}, "
                                 f"relative to the project directory {root}) does not exist", r)
     try:
-        source = MrcStackSource(paths, index0, check=check_images)
+        source = MrcStackSource(paths, index0, check=check_images, origin=str(path), first_line=ctx.first_line)
     except ImageStackError as err:
         raise StarFileError(f"{path}: {err}") from None
     if check_images:
@@ -576,6 +631,6 @@ def write_simulated_star(path: str | os.PathLike, *, rot: np.ndarray, shift_px: 
 
 __all__ = [
     "StarFileError", "StarRecord", "OpticsGroupInfo", "ParticleStar", "read_particles_star",
-    "write_particles_star", "add_result_columns", "latent_columns", "write_simulated_star",
+    "write_particles_star", "add_result_columns", "pose_columns", "latent_columns", "write_simulated_star",
     "LATENT_PREFIX", "CLASS_LABEL",
 ]

@@ -8,8 +8,10 @@ Output folder layout (``out``)::
 
 The ``.csg`` files are what cryoSPARC's *Import Result Group* job reads. Their metafiles and map paths
 start with ``>``: relative to the folder of the ``.csg`` (the convention of cryoSPARC's own exports).
-The particles' ``blob/path`` values are kept as they were (relative to the project directory), so import
-the group into the project the particles came from.
+The particles' ``blob/path`` values stay relative to the project directory, so import the group into the
+project the particles came from. An exported ``>`` path (relative to the input ``.cs``'s folder) would
+point inside ``out`` after the run: it is written as the project-relative path the reader resolved, or,
+for a stack outside the project directory, the stack is linked into ``out`` under that ``>`` path.
 """
 
 from __future__ import annotations
@@ -53,6 +55,31 @@ def _rel_for_csg(path: Path, out_dir: Path) -> str:
     return ">" + str(PurePosixPath(*rel.parts))
 
 
+def portable_blob_paths(dset, project_dir: Path, export_dir: Path, out_dir: Path,
+                        log: Callable[[str], Any] = print) -> np.ndarray:
+    """``blob/path`` values that still point at the stacks when read beside the output ``.csg``."""
+    project = Path(os.path.abspath(project_dir))
+    new: dict[str, str] = {}
+    for raw in set(dset["blob/path"]):
+        rel, exported = cs_io.strip_export_prefix(raw)
+        if not exported:
+            new[raw] = rel
+            continue
+        found = Path(os.path.abspath(cs_io.resolve_blob_path(raw, project, export_dir)))
+        if found.is_relative_to(project):
+            new[raw] = found.relative_to(project).as_posix()
+            continue
+        link = out_dir / rel  # outside the project: keep '>rel', now relative to out_dir, by a link
+        if link.is_symlink() or not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(found)
+            log(f"linked {link} -> {found} (a stack outside the project directory)")
+        new[raw] = ">" + PurePosixPath(rel).as_posix()
+    return np.array([new[p] for p in dset["blob/path"]], dtype=object)
+
+
 def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 config: JobConfig, *, engine: Engine | None = None, log: Callable[[str], Any] = print,
                 should_abort: Callable[[], bool] = lambda: False) -> OfflineResult:
@@ -65,7 +92,8 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     dset = cs_io.load_cs(particles_cs)
     parts = cs_io.particles_from_dataset(dset, project_dir, source=str(particles_cs),
-                                         export_dir=particles_cs.resolve().parent, use_poses=True)
+                                         export_dir=particles_cs.resolve().parent, use_poses=True,
+                                         require_ctf=config.ctf)
     for w in parts.warnings:
         log(f"warning: {w}")
     config, use_poses = pose_config(config, parts.data.has_poses, log)
@@ -86,6 +114,7 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
         if latents.shape[0] != len(dset):
             raise RuntimeError(f"engine returned {latents.shape[0]} latents for {len(dset)} particles")
         out = cs_io.add_components(dset, latents)
+        out["blob/path"][:] = portable_blob_paths(dset, Path(project_dir), particles_cs.resolve().parent, out_dir, log)
         res.particles_cs, res.particles_csg = cs_io.write_group(
             out_dir, PARTICLES_STEM, out, group_name="particles", group_type="particle",
             title="cryoFormer particles",

@@ -9,8 +9,11 @@ and appends stdout to ``run.out`` and stderr to ``run.err``. Values are not quot
 with spaces arrives as several argv items (joined again here) and an empty value as a bare ``--label``.
 The job writes ``particles.star`` (the input particles with every original column, ``rlnCryoformerZ1..K``
 latent coordinates and ``rlnClassNumber`` = k-means class), the maps, ``RELION_OUTPUT_NODES.star`` and
-exactly one of ``RELION_JOB_EXIT_SUCCESS`` / ``_FAILURE`` / ``_ABORTED``. Running it again with the same
-``--o`` continues from the last checkpoint.
+exactly one of ``RELION_JOB_EXIT_SUCCESS`` / ``_FAILURE`` / ``_ABORTED``, whatever happens (a full disk
+included). Running it again with the same ``--o`` continues from the last checkpoint. RELION 4.0 and 5.0
+append the Running tab's "additional arguments" right after ``--j N``; RELION deletes
+``RELION_JOB_ABORT_NOW`` itself before it launches a job, so one found at start-up is a request made
+while the job waited (e.g. in a queue) and ends the job as aborted at once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from cryoformer_ext.config import JobConfig, JobConfigError
+from cryoformer_ext.failures import os_error_message, user_message
 
 from . import nodes as _nodes
 
@@ -31,6 +35,8 @@ from . import nodes as _nodes
 PROTOCOL_OPTIONS = {"o", "in_parts", "in_3dref", "in_mask", "in_movies", "in_mics", "in_coords", "j",
                     "pipeline_control"}
 PARTICLES_OUT = "particles.star"
+# options that take exactly one argv item: words after them are stray (RELION's additional arguments)
+SINGLE_VALUE_OPTIONS = {"o", "j", "pipeline_control"}
 MAP_NODE_KINDS = ("consensus", "kmeans", "pc", "flexibility")  # attention maps are index maps: no nodes
 
 
@@ -50,7 +56,8 @@ def parse_argv(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
     """RELION-style ``--key value`` pairs: a value is every following item up to the next ``--key``.
 
     Returns (options, stray items). Several items are joined with single spaces (RELION does not quote
-    values); a key with no items gets None (a parameter with an empty value).
+    values); a key with no items gets None (a parameter with an empty value). The options in
+    :data:`SINGLE_VALUE_OPTIONS` take one item only (``--j 4 extra``: ``extra`` is stray, not part of ``j``).
     """
     opts: dict[str, str | None] = {}
     stray: list[str] = []
@@ -68,7 +75,7 @@ def parse_argv(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
             if "=" in key:  # tolerate --key=value
                 key, v = key.split("=", 1)
                 vals.append(v)
-        elif key is None:
+        elif key is None or (key in SINGLE_VALUE_OPTIONS and vals):
             stray.append(item)
         else:
             vals.append(item)
@@ -106,46 +113,53 @@ class _Log:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
 
+    @staticmethod
+    def _print(text: str, stream) -> None:
+        """A log line that cannot fail: with run.out on a full disk the job must still end with an exit file."""
+        try:
+            print(text, file=stream, flush=True)
+        except (OSError, ValueError):
+            pass
+
     def out(self, msg: str) -> None:
         if self.worker_rank is not None:
             return
         stamp = time.strftime("%H:%M:%S")
-        print(f"[{stamp}] {msg}", file=sys.stdout, flush=True)
+        self._print(f"[{stamp}] {msg}", sys.stdout)
 
     def err(self, msg: str) -> None:
         if self.worker_rank is not None:
-            print(f"[rank {self.worker_rank}] {msg}", file=sys.stderr, flush=True)
+            self._print(f"[rank {self.worker_rank}] {msg}", sys.stderr)
             return
-        print(msg, file=sys.stderr, flush=True)
+        self._print(msg, sys.stderr)
         # the GUI user reads run.out first: point at the error there as well
-        print(f"[{time.strftime('%H:%M:%S')}] ERROR: {msg}", file=sys.stdout, flush=True)
+        self._print(f"[{time.strftime('%H:%M:%S')}] ERROR: {msg}", sys.stdout)
+
+    def print_traceback(self) -> None:
+        try:
+            traceback.print_exc(file=sys.stderr)
+        except (OSError, ValueError):
+            pass
 
 
-def _node_name(path: Path, out_dir: Path, cwd: Path) -> str:
-    """A node name relative to the project directory (RELION's convention)."""
+def _node_name(path: Path, out_dir: Path) -> str:
+    """A node name relative to the project directory: ``--o`` joined with the file's place inside it.
+
+    Never resolved: with ``External/`` a symlink to a scratch disk, the node must stay
+    ``External/job003/x`` (what RELION calls the job), not ``../scratch/External/job003/x``. Relative
+    paths are relative to the project directory (the working directory), as every path of the job.
+    """
     p = Path(path)
-    if not p.is_absolute():
-        p = (cwd / p) if (cwd / p).exists() else (cwd / out_dir / p)
-    try:
-        return str(p.resolve().relative_to(cwd.resolve()))
-    except ValueError:
-        return os.path.relpath(p.resolve(), cwd.resolve())
-
-
-def pose_columns(rot, shift_px, pixel_size_A: float, relion_format: str) -> dict:
-    """RELION columns for poses in the engine convention (origins in Å for 3.1+, pixels for 3.0)."""
-    import numpy as np
-
-    from cryoformer.poses import rot_to_relion_euler
-
-    a_rot, a_tilt, a_psi = rot_to_relion_euler(np.asarray(rot))
-    shift = np.asarray(shift_px, dtype=np.float64)
-    cols = {"rlnAngleRot": a_rot, "rlnAngleTilt": a_tilt, "rlnAnglePsi": a_psi}
-    if relion_format == "3.0":
-        cols.update(rlnOriginX=shift[:, 0], rlnOriginY=shift[:, 1])
-    else:
-        cols.update(rlnOriginXAngst=shift[:, 0] * pixel_size_A, rlnOriginYAngst=shift[:, 1] * pixel_size_A)
-    return cols
+    if p.is_absolute():
+        for base in (Path(os.path.abspath(out_dir)), out_dir.resolve()):
+            try:
+                p = out_dir / p.relative_to(base)
+                break
+            except ValueError:
+                continue
+        else:
+            return os.path.relpath(p, Path.cwd())
+    return Path(os.path.normpath(p)).as_posix()
 
 
 def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
@@ -176,7 +190,7 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     config = JobConfig.from_strings(params, source="External job parameters")
 
     log.out(f"reading particles {in_parts} (image paths relative to {cwd})")
-    star = read_particles_star(in_parts, root=cwd, check_images=True)
+    star = read_particles_star(in_parts, root=cwd, check_images=True, require_ctf=config.ctf)
     rec = star.record
     log.out(f"{rec.n_particles} particles, box {rec.box}, {rec.pixel_size_A:.4f} Å/px, RELION {rec.relion_format}"
             f" STAR{'' if rec.version is None else f' (version {rec.version})'}, "
@@ -209,10 +223,9 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     labels = getattr(result, "labels", None)
     if latents is not None and getattr(latents, "size", 1) == 0:
         latents = None
-    extra = {}
     predicted = getattr(result, "predicted_poses", None)
-    if predicted is not None and not rec.has_poses:
-        extra = pose_columns(predicted[0], predicted[1], rec.pixel_size_A, rec.relion_format)
+    extra = star.predicted_pose_columns(predicted)
+    if extra:
         log.out("the particles had no orientations: writing the predicted ones (rlnAngleRot/Tilt/Psi, origins)")
     elif predicted is not None:
         log.out("the input orientations are kept in particles.star; the refined ones are in predicted_poses.npz")
@@ -220,12 +233,12 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     log.out(f"wrote {part_path}" + ("" if latents is None else f" with rlnCryoformerZ1..{latents.shape[1]}")
             + ("" if labels is None else " and rlnClassNumber (k-means class, 1-based)"))
 
-    node_list = [(_node_name(part_path, out_dir, cwd), "particles")]
+    node_list = [(_node_name(part_path, out_dir), "particles")]
     for m in result.maps:
         if m.kind in MAP_NODE_KINDS:
-            node_list.append((_node_name(Path(m.path), out_dir, cwd), "map"))
+            node_list.append((_node_name(Path(m.path), out_dir), "map"))
         elif m.kind == "mask":  # the occupancy mask: a solvent mask for the next refinement
-            node_list.append((_node_name(Path(m.path), out_dir, cwd), "mask"))
+            node_list.append((_node_name(Path(m.path), out_dir), "mask"))
     _nodes.write_output_nodes(out_dir, node_list, version)
     log.out(f"output nodes: {len(node_list)} ({sum(1 for _, k in node_list if k == 'map')} maps, "
             f"{result.map_pixel_size_A:.4f} Å/voxel)")
@@ -250,10 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         log.err(f"cannot create the output directory {out_dir}: {err}")
         return 2
-    removed = _nodes.clear_exit_files(out_dir) if log.worker_rank is None else []
     log.out("cryoformer-relion " + " ".join(argv))
-    if removed:
-        log.out(f"continuing in {out_dir} (removed old {', '.join(removed)})")
+    if log.worker_rank is None:
+        try:
+            removed = _nodes.clear_exit_files(out_dir) + _nodes.clear_previous_outputs(out_dir, [PARTICLES_OUT])
+        except OSError as err:
+            log.err(f"cannot clear the previous run's files in {out_dir}: {os_error_message(err)}")
+            return 2
+        if removed:
+            log.out(f"continuing in {out_dir} (removed the previous run's {', '.join(removed)}; "
+                    "they are written again when this run succeeds)")
+    if _nodes.abort_requested(out_dir):  # every torchrun rank sees it: none joins a group that never forms
+        return _abort_at_start(out_dir, log) if log.worker_rank is None else 3
     if stray:
         log.out(f"WARNING: ignoring stray arguments {' '.join(stray)}")
     if "pipeline_control" in opts:
@@ -270,6 +291,25 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _abort_at_start(out_dir: Path, log: _Log) -> int:
+    """RELION deleted RELION_JOB_ABORT_NOW before the launch: this one is the user's Abort (e.g. while queued)."""
+    log.out(f"{_nodes.ABORT_NOW} exists: Abort was pressed before the job started (e.g. while it waited in a "
+            "queue); nothing was run. Continue starts the job (RELION removes the request first); when running "
+            f"by hand, delete {out_dir / _nodes.ABORT_NOW} first")
+    log.out("finished: aborted")
+    _finish(out_dir, _nodes.EXIT_ABORTED, log)
+    return 3
+
+
+def _finish(out_dir: Path, which: str, log: _Log) -> None:
+    """Write the exit file; logging never raises (see :class:`_Log`), so a full disk cannot skip this."""
+    try:
+        _nodes.write_exit(out_dir, which)
+    except OSError as err:
+        log.err(f"cannot write {out_dir / which}: {os_error_message(err)}; RELION will show the job as running: "
+                "use 'Mark as failed'")
+
+
 def _torchrun_worker_rank() -> int | None:
     """The rank of this process when torchrun started it as rank > 0 of several (see docs/distributed.md)."""
     try:
@@ -283,32 +323,34 @@ def _main_guarded(opts: dict[str, str | None], out_dir: Path, log: _Log) -> int:
     writes_exit = log.worker_rank is None  # in a torchrun group only rank 0 writes the exit file
     try:
         status = run(opts, out_dir, log)
-    except (KeyboardInterrupt, Terminated) as err:
-        log.err("terminated by a signal" if isinstance(err, Terminated) else "interrupted")
+        if status is None:  # torchrun rank > 0: done with its share
+            return 0
+        log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
         if writes_exit:
-            _nodes.write_exit(out_dir, _nodes.EXIT_ABORTED)
+            _nodes.write_exit(out_dir, status)
+    except (KeyboardInterrupt, Terminated) as err:
+        log.err(("terminated by a signal" if isinstance(err, Terminated) else "interrupted")
+                + "; the last finished epoch's checkpoint is kept: Continue resumes from it")
+        if writes_exit:
+            _finish(out_dir, _nodes.EXIT_ABORTED, log)
         return 130
     except Exception as err:  # noqa: BLE001 - every failure must end in RELION_JOB_EXIT_FAILURE
-        expected = _expected_error(err)
-        if not expected:
-            traceback.print_exc(file=sys.stderr)
-        log.err(f"{type(err).__name__}: {err}" if not expected else str(err))
-        if writes_exit:
-            _nodes.write_exit(out_dir, _nodes.EXIT_FAILURE)
+        message = str(err) if isinstance(err, UsageError) else _user_message(err)
+        if message is None:  # a bug, not bad input: keep the traceback for the report
+            log.print_traceback()
+            message = f"{type(err).__name__}: {err}"
+        log.err(message)
+        if writes_exit:  # last: RELION may show run.err as soon as it sees the exit file
+            _finish(out_dir, _nodes.EXIT_FAILURE, log)
         return 1
-    if status is None:  # torchrun rank > 0: done with its share
-        return 0
-    _nodes.write_exit(out_dir, status)
-    log.out({_nodes.EXIT_SUCCESS: "finished: success", _nodes.EXIT_ABORTED: "finished: aborted"}[status])
     return 0 if status == _nodes.EXIT_SUCCESS else 3
 
 
-def _expected_error(err: Exception) -> bool:
-    from cryoformer_ext.imagestack import ImageStackError
-    from cryoformer_ext.launch import WorkerFailed
-    from cryoformer_ext.star_io import StarFileError
-
-    return isinstance(err, (StarFileError, JobConfigError, UsageError, ImageStackError, WorkerFailed))
+def _user_message(err: Exception) -> str | None:
+    try:
+        return user_message(err)
+    except Exception:  # noqa: BLE001 - e.g. torch cannot be imported: still end with an exit file
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,9 @@
 
 Facts (see docs/relion.md and the research notes): RELION writes ``<--o>/job.star`` before it starts
 the program; the program writes exactly one of the exit files and optionally
-``RELION_OUTPUT_NODES.star``, and polls ``RELION_JOB_ABORT_NOW``. RELION 3.1 reads the integer node
+``RELION_OUTPUT_NODES.star``, and polls ``RELION_JOB_ABORT_NOW``. RELION (3.1, 4.0, 5.0) deletes the
+exit files and ``RELION_JOB_ABORT_NOW`` just before it launches a job, so the program never deletes an
+abort request: one that exists at start-up was made after the launch. RELION 3.1 reads the integer node
 type ``_rlnPipeLineNodeType``; 4.0 and 5.0 read the string ``_rlnPipeLineNodeTypeLabel`` (different
 strings for particles in 4.0 and 5.0). Writing both columns works in 3.1 (it warns and ignores the
 label column) and in 4.0/5.0 (the int column is not read).
@@ -75,9 +77,22 @@ def write_output_nodes(out_dir: str | os.PathLike, nodes: list[tuple[str, str]],
 
 
 def clear_exit_files(out_dir: str | os.PathLike) -> list[str]:
-    """Remove exit files (and a stale abort request) of an earlier run; return what was removed."""
+    """Remove exit files of an earlier run (a run by hand; RELION removes them itself); return what was removed.
+
+    ``RELION_JOB_ABORT_NOW`` is left alone: it is the user's request, see the module docstring.
+    """
+    return _remove(out_dir, [EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED])
+
+
+def clear_previous_outputs(out_dir: str | os.PathLike, names: list[str]) -> list[str]:
+    """Remove the node file and ``names`` of an earlier run, so that a Continue that fails or is aborted
+    leaves nothing beside its exit file that could be taken for its own results."""
+    return _remove(out_dir, [OUTPUT_NODES, *names])
+
+
+def _remove(out_dir: str | os.PathLike, names: list[str]) -> list[str]:
     removed = []
-    for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED, ABORT_NOW):
+    for name in names:
         p = Path(out_dir) / name
         if p.exists():
             p.unlink()

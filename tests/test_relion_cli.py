@@ -156,7 +156,6 @@ def test_success_writes_particles_nodes_and_exit(project, monkeypatch, capsys):
     out.mkdir(parents=True)
     (out / "job.star").write_text(JOB_STAR_31)
     (out / nodes.EXIT_FAILURE).touch()  # stale, from an earlier run
-    (out / nodes.ABORT_NOW).touch()  # stale abort request: must not abort the new run
     rc = cli.main(["--o", "External/job003/", "--in_parts", "Import/particles.star", "--epochs", "3",
                    "--zdim", "3", "--typo_param", "1", "--j", "2", "--pipeline_control", "External/job003/"])
     cap = capsys.readouterr()

@@ -74,12 +74,18 @@ def project(tmp_path_factory) -> Path:
     assert (d / "Simulated" / "particles.mrcs").exists()
     (d / "default_pipeline.star").write_text(
         "\n# version 30001\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n\n")
-    exe = d / "bin" / "cryoformer-relion"
-    exe.parent.mkdir()
+    relion_exe(d / "bin")
+    return d
+
+
+def relion_exe(folder: Path) -> Path:
+    """``folder/cryoformer-relion``: the External job's executable, running this checkout's code."""
+    exe = folder / "cryoformer-relion"
+    exe.parent.mkdir(parents=True, exist_ok=True)
     exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
                    "from relion_external.cli import main\nsys.exit(main())\n")
     exe.chmod(0o755)
-    return d
+    return exe
 
 
 def pipeline(project: Path) -> dict:
