@@ -40,9 +40,10 @@ class JobConfig(BaseModel):
     enc_layers: int = Field(10, ge=1, description="hidden layers of the image encoders")
     enc_dim: int = Field(128, ge=8, description="width of the image encoders")
     hash_scale: float | None = Field(None, ge=1.0, description="hash-grid per-level scale (default: finest level = training box; 1.5 = paper/tcnn config)")
-    render: Literal["canonical", "rotated"] = Field(
-        "canonical", description="canonical = field evaluated once per step on the voxel grid, each image's map "
-        "projected; rotated = field at each image's rotated grid (the paper's form, slower)")
+    render: Literal["rotated", "canonical"] = Field(
+        "rotated", description="rotated = the field at each image's rotated grid (the paper's form); canonical = "
+        "the field once per step on a jittered voxel grid, each image's map projected (faster, less accurate "
+        "at high resolution)")
     occupancy: bool = Field(True, description="render only occupied cells of a coarse grid (4 px cells) "
                             "estimated from the field; 0 elsewhere")
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
