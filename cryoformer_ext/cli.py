@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from . import analyze_cli
+from . import eval_cli, select_cli  # explore a finished job: maps at chosen latents, particle subsets
 from .config import JobConfig, JobConfigError
 
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     analyze_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
+    select_cli.add_parser(sub)
     return p
 
 
