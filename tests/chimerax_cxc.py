@@ -83,20 +83,23 @@ def _int(v: str, where: str) -> int:
 
 
 def _keywords(tokens: list[str], allowed: dict, where: str) -> dict[str, str | None]:
-    """``key value`` pairs (NoArg keywords take no value); keywords must be spelled as registered."""
+    """``key value`` pairs as registered (camelCase). ``allowed[key]`` is "value", "noarg" (no value) or
+    "repeat" (may occur several times: the values are joined with spaces and checked one by one)."""
     out: dict[str, str | None] = {}
     i = 0
     while i < len(tokens):
         key = tokens[i]
         if key not in allowed:
             raise CxcError(f"{where}: unknown or unsupported keyword {key!r} (allowed: {', '.join(sorted(allowed))})")
+        if key in out and allowed[key] != "repeat":
+            raise CxcError(f"{where}: keyword {key!r} given twice")
         if allowed[key] == "noarg":
             out[key] = None
             i += 1
             continue
         if i + 1 >= len(tokens):
             raise CxcError(f"{where}: keyword {key!r} needs a value")
-        out[key] = tokens[i + 1]
+        out[key] = tokens[i + 1] if key not in out else f"{out[key]} {tokens[i + 1]}"
         i += 2
     return out
 
@@ -190,7 +193,7 @@ class Checker:
         if not args or not args[0].startswith("#"):
             raise CxcError(f"{where}: volume needs a model spec first (cryoFormer never changes all maps)")
         models = self._spec(args[0], where)
-        kw = _keywords(args[1:], {"style": "value", "level": "value", "show": "noarg", "hide": "noarg",
+        kw = _keywords(args[1:], {"style": "value", "level": "repeat", "show": "noarg", "hide": "noarg",
                                    "transparency": "value", "step": "value"}, where)
         if "style" in kw and kw["style"] not in ("surface", "mesh", "image", "solid"):
             raise CxcError(f"{where}: style {kw['style']!r} is not surface/mesh/image/solid")
@@ -200,8 +203,8 @@ class Checker:
             raise CxcError(f"{where}: transparency must be 0..1")
         if "step" in kw and _int(kw["step"], where) < 1:
             raise CxcError(f"{where}: step must be >= 1")
-        if "level" in kw:
-            level = _float(kw["level"], where)
+        for value in (kw.get("level") or "").split():  # a surface level (image-style "level,brightness" unused)
+            level = _float(value, where)
             for m in models:
                 for f, (lo, hi) in zip(m.files, m.ranges):
                     if not lo < level < hi:
