@@ -17,6 +17,8 @@
 * ``attention_argmax.mrc`` / ``attention_maxweight.mrc`` - which structure query (0-based token index)
   the decoder's point attention assigns each voxel to at the consensus latent, and with what weight,
 * a UMAP embedding (``umap.npy``) when umap-learn is installed and zdim >= 3,
+* ``z.pkl`` - the latents in cryoDRGN's format, and ChimeraX scripts ``chimerax/*.cxc`` that open the maps
+  (:mod:`cryoformer_ext.chimerax`),
 * PNG plots in ``plots/`` and ``summary.json`` / ``report.txt`` listing every file, the settings and timings.
 
 All files are written atomically. Rerunning into the same folder replaces the previous analysis and removes

@@ -313,6 +313,11 @@ def test_every_analysis_and_eval_script_passes_the_chimerax_checker(job, tmp_pat
     assert series.series and [f.name for f in series.files] == ["pc1_01.mrc", "pc1_02.mrc", "pc1_03.mrc"]
     flex = checked["consensus_flexibility.cxc"]
     assert [f.name for m in flex.models.values() for f in m.files] == ["consensus.mrc", "flexibility.mrc"]
+    # the documented threshold rule: 0.3 x the map maximum; one level per series, from its smallest maximum
+    cons, _ = read_map(job / "analysis" / "consensus.mrc")
+    assert flex.levels[1] == pytest.approx(0.3 * cons.max(), rel=1e-4)
+    smallest = min(read_map(f)[0].max() for f in series.files)
+    assert checked["pc1_series.cxc"].levels[1] == pytest.approx(0.3 * smallest, rel=1e-4)
     assert cf("eval", job, "--path", "c1", "c4", "--steps", "4", "--out", tmp_path / "e") == 0
     ev = check_script(tmp_path / "e" / "series.cxc")
     assert ev.models[1].series and len(ev.models[1].files) == 4
@@ -373,3 +378,15 @@ def test_cs_subset_reads_in_cryosparc_tools_4(job, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("ok 4."), res.stdout + res.stderr
     assert len(idx) == len(Dataset.load(tmp_path / "o" / "particles.cs")) and len(src) == N
+
+
+def test_homogeneous_analysis_writes_a_consensus_script(tmp_path):
+    from test_analysis import FakeGenerator
+
+    from cryoformer_ext.analysis import analyze
+
+    analyze(None, FakeGenerator(zdim=0), tmp_path, log=lambda m: None)
+    assert [p.name for p in (tmp_path / "chimerax").glob("*.cxc")] == ["consensus.cxc"]
+    script = check_script(tmp_path / "chimerax" / "consensus.cxc")
+    assert len(script.models) == 1 and script.levels[1] > 0
+    assert not (tmp_path / "z.pkl").exists()
