@@ -53,6 +53,19 @@ def cf(*args: str) -> int:
     return cli.main([str(a) for a in args])
 
 
+def assert_same_rows(got, ref, rows=None) -> None:
+    """Same columns in the same order and the same values (numbers to 1e-9 relative: the writer prints
+    10 significant digits, so 300.000000 may come back as the integer 300)."""
+    ref = ref if rows is None else ref[rows]
+    assert list(got.columns) == list(ref.columns) and len(got) == len(ref)
+    for col in ref.columns:
+        a, b = got[col].to_numpy(), ref[col].to_numpy()
+        if b.dtype.kind in "fiu":
+            assert np.allclose(a.astype(float), b.astype(float), rtol=1e-9, atol=0), col
+        else:
+            assert a.tolist() == b.tolist(), col
+
+
 def read_map(path: Path) -> tuple[np.ndarray, float]:
     with mrcfile.open(path) as m:
         return m.data.copy(), float(m.voxel_size.x)
@@ -150,15 +163,8 @@ def test_select_classes_keeps_every_column_and_the_optics_table(job, tmp_path):
     keep = parts["rlnClassNumber"].isin([2, 3]).to_numpy()  # the classes the job wrote at training time
     for got, rows in ((a, keep), (b, ~keep)):
         assert list(got) == ["optics", "particles"]
-        assert got["optics"].equals(src["optics"])
-        assert list(got["particles"].columns) == list(parts.columns)
-        assert got["particles"]["rlnImageName"].tolist() == parts["rlnImageName"][rows].tolist()
-        for col in parts.columns:
-            expected = parts[col][rows].to_numpy()
-            if expected.dtype.kind == "f":
-                assert np.allclose(got["particles"][col].to_numpy(), expected, rtol=1e-9, atol=0), col
-            else:
-                assert got["particles"][col].tolist() == expected.tolist(), col
+        assert_same_rows(got["optics"], src["optics"])
+        assert_same_rows(got["particles"], parts, rows)
     idx = np.loadtxt(tmp_path / "a" / "indices.txt", dtype=int)
     assert idx.tolist() == np.flatnonzero(keep).tolist()
     with open(tmp_path / "a" / "indices.pkl", "rb") as fh:
@@ -217,23 +223,28 @@ def test_select_writes_the_same_particles_as_star_and_cs(job, tmp_path):
     assert all(r["metafile"] == ">particles.cs" for r in csg["results"].values())
 
 
-def test_real_star_and_cs_pair_give_the_same_particles(shared_data, tmp_path):
-    """EMPIAR-10076 particles as RELION STAR and cryoSPARC .cs (cryoDRGN's test files): one selection, the
-    same images in both outputs, every column/field kept (a stand-in job: latents and k-means labels only)."""
-    d = shared_data / "cryodrgn"
-    job = tmp_path / "job"
+def _stand_in_job(job: Path) -> Path:
+    """A finished job's files that select reads (latents, k-means labels, class centres) for 7 particles."""
     (job / "analysis").mkdir(parents=True)
     np.save(job / "latents.npy", np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32))
     (job / "analysis" / "kmeans_labels.txt").write_text("# labels\n0\n1\n1\n0\n1\n0\n1\n")
     (job / "analysis" / "summary.json").write_text(json.dumps({"kmeans": {"center_particles": [0, 1]}}))
+    return job
+
+
+def test_real_star_and_cs_pair_give_the_same_particles(shared_data, tmp_path):
+    """EMPIAR-10076 particles as RELION STAR and cryoSPARC .cs (cryoDRGN's test files): one selection, the
+    same images in both outputs, every column/field kept (a stand-in job: latents and k-means labels only)."""
+    d = shared_data / "cryodrgn"
+    job = _stand_in_job(tmp_path / "job")
     assert cf("select", job, "--classes", "2", "--input", d / "empiar_10076_7.star", "--input",
               d / "empiar_10076_7.cs", "--out", tmp_path / "out") == 0
     star_in = starfile.read(d / "empiar_10076_7.star")
     star = starfile.read(tmp_path / "out" / "particles.star")
     cs_in, cs = Dataset.load(d / "empiar_10076_7.cs"), Dataset.load(tmp_path / "out" / "particles.cs")
     rows = [1, 2, 4, 6]
-    assert list(star.columns) == list(star_in.columns) and len(star) == len(cs) == 4
-    assert star["rlnImageName"].tolist() == star_in["rlnImageName"][rows].tolist()
+    assert len(star) == len(cs) == 4
+    assert_same_rows(star, star_in.reset_index(drop=True), np.isin(np.arange(7), rows))
     assert cs.fields() == cs_in.fields() and cs["uid"].tolist() == cs_in["uid"][rows].tolist()
     assert [int(s.split("@")[0]) for s in star["rlnImageName"]] == (cs["blob/idx"] + 1).tolist()
     assert np.allclose(star["rlnDefocusU"], cs["ctf/df1_A"], rtol=1e-5)
@@ -390,3 +401,48 @@ def test_homogeneous_analysis_writes_a_consensus_script(tmp_path):
     script = check_script(tmp_path / "chimerax" / "consensus.cxc")
     assert len(script.models) == 1 and script.levels[1] > 0
     assert not (tmp_path / "z.pkl").exists()
+
+
+@pytest.mark.parametrize("star, value, message", [
+    ("empiar_10076_7.star", "1", "has no rlnClassNumber column"),
+    ("relion31.star", "99", "no particle has rlnClassNumber 99"),
+    ("relion31.star", "one", "parameter select_classes"),
+])
+def test_select_classes_external_job_fails_cleanly(shared_data, tmp_path, capsys, star, value, message):
+    from relion_external.cli import main
+
+    out = tmp_path / "External" / "job002"
+    rc = main(["--o", f"{out}/", "--in_parts", str(shared_data / "cryodrgn" / star), "--select_classes", value,
+               "--j", "1"])
+    assert rc == 1 and (out / "RELION_JOB_EXIT_FAILURE").exists()
+    assert not (out / "particles.star").exists() and not (out / "RELION_OUTPUT_NODES.star").exists()
+    assert message in capsys.readouterr().err
+
+
+def test_select_classes_external_job_keeps_every_column_of_a_real_relion_file(shared_data, tmp_path, monkeypatch):
+    """A real RELION 3.1 file with rlnClassNumber (cryoDRGN's test data): the class subset, every column."""
+    from relion_external.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    src = shared_data / "cryodrgn" / "relion31.star"
+    assert main(["--o", "External/job003/", "--in_parts", str(src), "--select_classes", "1", "--select_invert",
+                 "no", "--epochs", "3", "--j", "1"]) == 0
+    got = starfile.read(tmp_path / "External/job003/particles.star", always_dict=True)
+    ref = starfile.read(src, always_dict=True)
+    keep = (ref["particles"]["rlnClassNumber"] == 1).to_numpy()
+    assert_same_rows(got["optics"], ref["optics"])
+    assert_same_rows(got["particles"], ref["particles"], keep)
+    nodes = (tmp_path / "External/job003/RELION_OUTPUT_NODES.star").read_text()
+    assert "External/job003/particles.star 3 ParticlesData.star.relion" in nodes
+
+
+def test_select_on_a_cryosparc_offline_folder_writes_cs(shared_data, tmp_path):
+    """The offline mode's layout: <out>/cryoformer/ (engine folder) + <out>/cryoformer_particles.cs."""
+    out = tmp_path / "offline"
+    _stand_in_job(out / "cryoformer")
+    shutil.copy(shared_data / "cryodrgn" / "empiar_10076_7.cs", out / "cryoformer_particles.cs")
+    assert cf("select", out, "--classes", "1", "--out", tmp_path / "sub") == 0
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["indices.pkl", "indices.txt", "particles.cs",
+                                                                  "particles.csg", "selection.json"]
+    got = Dataset.load(tmp_path / "sub" / "particles.cs")
+    assert got["uid"].tolist() == Dataset.load(out / "cryoformer_particles.cs")["uid"][[0, 3, 5]].tolist()
