@@ -92,13 +92,17 @@ def write_subsets(job: JobFiles, chosen: sel.Selection, inputs: list[Path], out:
     for k in (".star", ".cs"):
         if kinds.count(k) > 1:
             raise JobFilesError(f"more than one {k} input: write them to separate --out folders")
-    idx = chosen.array()
-    written: dict[str, str] = {}
-    for p in inputs:
+    targets = {p: out / (STAR_OUT if p.suffix.lower() == ".star" else f"{CS_STEM}.cs") for p in inputs}
+    for p, target in targets.items():  # every check before the first file is written
+        if target.resolve() == Path(p).resolve():
+            raise JobFilesError(f"--out {out}: the subset would overwrite its own input {p}; choose another folder")
         n = subset_io.star_row_count(p) if p.suffix.lower() == ".star" else subset_io.cs_row_count(p)
         if n != job.n_particles:
             raise JobFilesError(f"{p}: has {n} particles but the job has {job.n_particles} latents; it is not the "
                                 "particle set the job was trained on")
+    idx = chosen.array()
+    written: dict[str, str] = {}
+    for p in inputs:
         if p.suffix.lower() == ".star":
             target = subset_io.write_star_subset(p, idx, out / STAR_OUT)
         else:

@@ -262,9 +262,17 @@ def test_select_errors_name_the_problem(job, tmp_path, capsys, args, message):
 
 
 def test_select_refuses_a_particle_file_of_another_size(job, shared_data, tmp_path, capsys):
-    assert cf("select", job, "--classes", "1", "--input", shared_data / "cryodrgn" / "empiar_10076_7.star",
-              "--out", tmp_path) == 2
+    assert cf("select", job, "--classes", "1", "--input", job / "particles.star", "--input",
+              shared_data / "cryodrgn" / "empiar_10076_7.cs", "--out", tmp_path) == 2
     assert "has 7 particles but the job has 200 latents" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written, not even the STAR subset that was fine
+
+
+def test_select_never_overwrites_its_input(job, tmp_path, capsys):
+    before = (job / "particles.star").read_text()
+    assert cf("select", job, "--classes", "1", "--out", job) == 2
+    assert "would overwrite its own input" in capsys.readouterr().err
+    assert (job / "particles.star").read_text() == before
 
 
 @pytest.mark.relion
