@@ -17,6 +17,8 @@
 * ``attention_argmax.mrc`` / ``attention_maxweight.mrc`` - which structure query (0-based token index)
   the decoder's point attention assigns each voxel to at the consensus latent, and with what weight,
 * a UMAP embedding (``umap.npy``) when umap-learn is installed and zdim >= 3,
+* ``z.pkl`` - the latents in cryoDRGN's format, and ChimeraX scripts ``chimerax/*.cxc`` that open the maps
+  (:mod:`cryoformer_ext.chimerax`),
 * PNG plots in ``plots/`` and ``summary.json`` / ``report.txt`` listing every file, the settings and timings.
 
 All files are written atomically. Rerunning into the same folder replaces the previous analysis and removes
@@ -35,7 +37,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from cryoformer.lattice import sphere_mask
+from . import chimerax as _chimerax
 from . import plots as _plots
+from .cryodrgn_io import write_z_pkl
 from .outputs import atomic_write_text, save_npy, write_mrc
 
 SUMMARY_FORMAT = "cryoformer-analysis/1"
@@ -149,7 +153,7 @@ def _corr_matrix(rows: np.ndarray) -> np.ndarray:
 
 _OWNED_PATTERNS = ("consensus.mrc", "flexibility.mrc", "occupancy_mask.mrc", "attention_*.mrc", "kmeans/class_*.mrc", "kmeans/*.npy",
                    "kmeans/*.txt", "pc*/pc*_*.mrc", "plots/*.png", "pca_coords.npy", "umap.npy",
-                   "kmeans_labels.txt", "flexibility_latents.txt")
+                   "kmeans_labels.txt", "flexibility_latents.txt", "z.pkl", "chimerax/*.cxc")
 
 
 def _remove_stale(out_dir: Path, written: set[Path], log) -> None:
@@ -434,6 +438,12 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         for p, strip in pc_strips.items():
             plot_files.append(rec(_plots.plot_pc_series(strip, pdir / f"pc{p}_series.png", pc=p)))
     log(f"analysis: wrote {len(plot_files)} plots in plots/")
+
+    if hetero:  # cryoDRGN's z.pkl: its traversal commands and notebooks read cryoFormer's latents as they are
+        rec(write_z_pkl(out_dir / "z.pkl", np.asarray(latents, dtype=np.float32).reshape(n_particles, zdim)))
+    for script in _chimerax.write_analysis_scripts(out_dir, maps):
+        rec(script)
+    log("analysis: wrote ChimeraX scripts in chimerax/")
 
     _remove_stale(out_dir, set(written) | {(out_dir / "summary.json").resolve(), (out_dir / "report.txt").resolve()}, log)
 

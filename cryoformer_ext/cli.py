@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from . import analyze_cli
+from . import eval_cli, select_cli  # explore a finished job: maps at chosen latents, particle subsets
 from .config import JobConfig
 from .failures import user_message
 
@@ -68,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     cfg = _job_config(args, DEMO_DEFAULTS)
-    summary = run_demo(Path(args.out), n=args.n, box=args.box, snr=args.snr, seed=cfg.seed, overrides=cfg, log=_log)
+    run_demo(Path(args.out), n=args.n, box=args.box, snr=args.snr, seed=cfg.seed, overrides=cfg, log=_log)
     return 0  # the recovery table is a report, not a pass/fail verdict
 
 
@@ -105,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     analyze_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
+    select_cli.add_parser(sub)
     return p
 
 

@@ -100,6 +100,8 @@ def help_text() -> str:
         "poses defaults to 'given' when the particles have rlnAngleRot/Tilt/Psi and to 'predict' otherwise.\n"
         "Outputs in --o: particles.star (input columns + rlnCryoformerZ1..K + rlnClassNumber), maps,\n"
         "RELION_OUTPUT_NODES.star. Run again with the same --o (Continue) to resume from the last checkpoint.\n"
+        "Subset instead of training: label select_classes, value e.g. 1,3 (k-means classes, 1-based), with the\n"
+        "particles.star of a cryoFormer job as input; select_invert yes keeps the other classes.\n"
         "Abort: RELION's Abort button (file RELION_JOB_ABORT_NOW) stops at the next step, keeping the checkpoint.\n"
         "See docs/relion.md."
     )
@@ -171,6 +173,11 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     version = _nodes.detect_version(out_dir)
     log.out(f"RELION version (from {out_dir / 'job.star'}): "
             + (version or "unknown (no job.star; writing 3.1 + 4.0 node types)"))
+
+    from . import select as _select
+
+    if _select.wanted(opts):  # a particle subset instead of training (label select_classes)
+        return _select.run_select(opts, out_dir, version, log)
 
     in_parts = opts.get("in_parts")
     if not in_parts:
