@@ -33,7 +33,7 @@ from profile_step import prepare_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
+def measure(box: int, n_images: int, batch: int, threads: int | None, job_overrides: dict | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -47,7 +47,9 @@ def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     sim = simulate(n_images, box, pixel_size_A=4.0 * 32 / box, snr=1.0, seed=0)
     data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)
-    job = JobConfig(train_box=box, batch_size=batch)
+    # overrides apply only to parameters this code version has (the baseline's JobConfig is older)
+    extra_job = {k: v for k, v in (job_overrides or {}).items() if k in JobConfig.model_fields}
+    job = JobConfig(train_box=box, batch_size=batch, **extra_job)
     device = select_device(job)
     mcfg = model_config_for(data, job, estimate_data_scale(data, box))
     extra: dict = {}
@@ -81,6 +83,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None) -> dict:
         "wall_s_including_setup": wall, "peak_rss_GB": rss_kb / 1024 ** 2,
         "sphere_points_per_image": int(0.5236 * box ** 3),
         "peak_gpu_mem_GB": torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else None,
+        "job_overrides": extra_job,
         "model": {k: v for k, v in mcfg.model_dump().items() if k not in ("data_scale",)}, **extra,
     }
 
@@ -106,6 +109,8 @@ def run_children(code_root: Path | None, a) -> list[dict]:
             cmd += ["--images", str(a.images)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
+        if a.job != "{}":
+            cmd += ["--job", a.job]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=gitref.env_for(code_root))
         if proc.returncode:
             raise SystemExit(f"box {box} failed:\n{proc.stderr[-3000:]}")
@@ -125,11 +130,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline", default=None, help="git ref whose code is measured too (e.g. e2296ed)")
+    p.add_argument("--job", default="{}", help="job parameters over the defaults, as JSON (e.g. '{\"render\": "
+                   "\"rotated\"}'); the baseline gets those its version has")
+    p.add_argument("--out", default=None, help="results file stem in bench/results/ (default train_<device>)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child is not None:
         n = a.images or (64 if a.child <= 64 else 24)
-        print(json.dumps(measure(a.child, n, a.batch, a.threads)))
+        print(json.dumps(measure(a.child, n, a.batch, a.threads, json.loads(a.job))))
         return
     results: dict = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                      "cpu_count": os.cpu_count()}
@@ -146,7 +154,7 @@ def main() -> None:
             print(f"D={box}: {ratio:.1f}x the images/s of {a.baseline}")
     RESULTS.mkdir(exist_ok=True)
     dev = rows[0]["device"].split(":")[0] if rows else "cpu"
-    out = RESULTS / f"train_{dev}.json"
+    out = RESULTS / f"{a.out or 'train_' + dev}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -357,15 +357,22 @@ def compare(res: dict) -> dict:
     return out
 
 
+def _with_ext(stem: Path, ext: str) -> Path:
+    """``stem`` + ``ext``: the stem holds the SNR (``..._snr0.1``), which ``with_suffix`` would cut."""
+    return stem.parent / (stem.name + ext)
+
+
 def write_report(res: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     res["comparison"] = compare(res)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    _with_ext(stem, ".json").write_text(json.dumps(res, indent=2) + "\n")
     d = res["dataset"]
     lines = [f"# cryoFormer vs cryoDRGN{' (SMOKE RUN, --quick: not the benchmark)' if res['quick'] else ''}", "",
              f"Data: {d['n']} particles, D={d['box']}, {d['pixel_size_A']:.2f} Å/px, states {d['states']}, "
              f"SNR {d['snr']}, poses + CTF given. {res['threads']} CPU thread(s) per method; {res['date']}; "
              f"`{res['command']}`", "",
+             *(["The two methods trained at the same time, one process each (`--only`), sharing the machine.", ""]
+               if res.get("concurrent") else []),
              "| method | epoch | cum. train s | img/s | FSC-AUC | res @0.5 (px) | moving corr | states recovered | "
              "\\|Spearman\\| PC1 | CV R² | kNN acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in res["methods"].items():
@@ -388,8 +395,28 @@ def write_report(res: dict, stem: Path) -> None:
                      f"(AUC {m['orientation']['auc_best']:.4f} vs {m['orientation']['auc_identity']:.4f} as written)")
         if m.get("job"):
             lines.append(f"  job parameters: `{m['job']}`")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot_curves(res, stem.with_suffix(".png"))
+    _with_ext(stem, ".md").write_text("\n".join(lines) + "\n")
+    plot_curves(res, _with_ext(stem, ".png"))
+
+
+def merge_report(res: dict, stem: Path) -> None:
+    """``--only`` runs: add this method to the results of the same dataset, so the two methods can train at
+    the same time (one process each, ``--threads`` each) and still share one report. A lock file keeps two
+    runs that end together from overwriting each other."""
+    import fcntl
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(_with_ext(stem, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(_with_ext(stem, ".json").read_text()) if _with_ext(stem, ".json").exists() else None
+        if old and old["dataset"] == res["dataset"] and old["threads"] == res["threads"]:
+            methods = {**old["methods"], **res["methods"]}
+            commands = [c for c in old.get("commands", [old["command"]]) if c != res["command"]] + [res["command"]]
+            res = {**old, "methods": {k: methods[k] for k in ("cryodrgn", "cryoformer") if k in methods},
+                   "commands": commands, "command": " ; ".join(commands),
+                   "date": res["date"], "concurrent": True}
+        write_report(res, stem)
+    _with_ext(stem, ".lock").unlink(missing_ok=True)
 
 
 def plot_curves(res: dict, path: Path) -> None:
@@ -508,8 +535,11 @@ def main() -> None:
         res["methods"][name] = evaluate_method(name, run, fn, a, conf, idx, states, state_values)
 
     stem = RESULTS / ("vs_cryodrgn_quick" if a.quick else f"vs_cryodrgn_D{a.box}_N{a.n}_snr{a.snr:g}")
-    write_report(res, stem)
-    print(stem.with_suffix(".md").read_text())
+    if a.only:
+        merge_report(res, stem)
+    else:
+        write_report(res, stem)
+    print(_with_ext(stem, ".md").read_text())
     if not a.quick:
         print(f"work files kept in {work}")
     else:

@@ -13,6 +13,7 @@ import torch
 
 from .data import ParticleData
 from .distributed import current as _dist_current
+from .lattice import fourier_resample_volume
 from .model import CryoFormer, ModelConfig
 from .train import CHECKPOINT_NAME, BatchReader, load_checkpoint
 
@@ -85,14 +86,19 @@ class Reconstruction:
 
     @torch.no_grad()
     def volumes(self, z: np.ndarray | None, box: int | None = None) -> np.ndarray:
-        """Maps ``V[z, y, x]`` (K, box, box, box) at each latent row of ``z`` (or one consensus map)."""
+        """Maps ``V[z, y, x]`` (K, box, box, box) at each latent row of ``z`` (or one consensus map).
+
+        Evaluated on the training box's grid, where the field was trained, and Fourier-resampled to ``box``
+        (:func:`cryoformer.lattice.fourier_resample_volume`): a larger box interpolates, a smaller one
+        low-passes, neither invents frequencies the training data never had."""
         box = box or self.train_box
+        tb = self.train_box if box % 2 == 0 and self.train_box % 2 == 0 else box
         if z is None or self.zdim == 0:
             n = 1 if z is None else len(z)
-            vol = self.model.volume(None, box).cpu().numpy()
+            vol = fourier_resample_volume(self.model.volume(None, tb).cpu().numpy(), box)
             return np.repeat(vol[None], n, axis=0)
         zz = torch.as_tensor(np.asarray(z, np.float32).reshape(-1, self.zdim), device=self.device)
-        return np.stack([self.model.volume(zi, box).cpu().numpy() for zi in zz])
+        return np.stack([fourier_resample_volume(self.model.volume(zi, tb).cpu().numpy(), box) for zi in zz])
 
     def occupancy_mask(self, box: int | None = None) -> np.ndarray | None:
         """1 where the model has density at all (occupied cells of its occupancy grid inside the training

@@ -34,7 +34,7 @@ class ModelConfig(BaseModel):
     channels: int = 64
     heads: int = 4
     blocks: int = 3
-    cross_values: Literal["queries", "deformation"] = "queries"
+    cross_values: Literal["queries", "deformation"] = "deformation"
     attention: Literal["point", "literal"] = "point"
     enc_layers: int = 10
     enc_dim: int = 128
@@ -47,9 +47,15 @@ class ModelConfig(BaseModel):
     spatial_hidden: int = 16
     pose_mode: Literal["given", "refine", "predict"] = "given"
     pose_aware_encoder: bool = Field(True, description="deformation encoder sees in-plane-derotated images and the view")
+    encoder_box: int | None = Field(
+        None, ge=8, description="the deformation encoder sees the image Fourier-cropped to this box (a low-pass); "
+        "None = the training box (the paper)")
     render: Literal["canonical", "rotated"] = Field(
-        "rotated", description="canonical: the field is evaluated once per step at the voxel grid and each "
+        "canonical", description="canonical: the field is evaluated once per step at the voxel grid and each "
         "image's voxel map is projected (trilinear); rotated: the field at each image's rotated grid (the paper)")
+    jitter: float = Field(
+        1.0, ge=0, le=1, description="canonical renderer: span of the per-step sub-voxel offset of the voxel grid, in "
+        "voxels (0 = the field is trained at the voxel centres only)")
     occupancy_cells: int = Field(0, ge=0, description="occupancy grid cells per axis (0 = off: the whole sphere)")
     chunk_points: int | None = Field(None, ge=1, description="points per chunk; None = from the free memory")
     data_scale: float = 1.0
@@ -97,7 +103,8 @@ class CryoFormer(nn.Module):
                                        cfg.spatial_hidden)
         self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values)
         if cfg.zdim > 0:
-            self.def_encoder = DeformationEncoder(d, cfg.zdim, cfg.enc_dim, cfg.enc_layers, cfg.pose_aware_encoder)
+            self.def_encoder = DeformationEncoder(self.encoder_box, cfg.zdim, cfg.enc_dim, cfg.enc_layers,
+                                                  cfg.pose_aware_encoder)
             self.token_head = nn.Linear(cfg.zdim, cfg.tokens * cfg.channels)
         if cfg.pose_mode != "given":
             self.orient_encoder = OrientationEncoder(d, cfg.enc_dim, cfg.enc_layers)
@@ -117,7 +124,15 @@ class CryoFormer(nn.Module):
         if self.cfg.zdim == 0:
             return None, None
         x = translate_images(images, shift_px) if shift_px is not None else images
+        if self.encoder_box < self.cfg.box:
+            # low-pass: the x (D/d) keeps a smooth image's pixel values while the white noise per pixel
+            # falls by D/d, so the encoder's first layer sees the conformation above the noise
+            x = fourier_crop(x, self.encoder_box) * (self.cfg.box / self.encoder_box)
         return self.def_encoder(x, None if rot is None else rot.detach())
+
+    @property
+    def encoder_box(self) -> int:
+        return min(self.cfg.encoder_box or self.cfg.box, self.cfg.box)
 
     def latent_means(self, images: torch.Tensor, rot: torch.Tensor | None, shift_px: torch.Tensor | None):
         """Posterior-mean latents (B, zdim) of recorded images with their consensus poses, or the
@@ -230,8 +245,8 @@ class CryoFormer(nn.Module):
         state, and a resumed or data-parallel run uses the same ones."""
         b = kv[0].shape[0]
         pts, plan, offset = lat["voxel_pts"], lat["plan"], None
-        if step is not None and self.training and torch.is_grad_enabled():
-            offset = jitter_offset(step, pts.device)                            # voxels of ``box``
+        if step is not None and self.cfg.jitter > 0 and self.training and torch.is_grad_enabled():
+            offset = jitter_offset(step, pts.device) * self.cfg.jitter          # voxels of ``box``
             pts, plan = pts + offset * (self.cfg.box / box), None
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)

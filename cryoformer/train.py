@@ -52,6 +52,10 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0)
     hash_lr_factor: float = Field(10.0, gt=0, description="hash tables learn faster, as in Instant-NGP")
+    encoder_lr_factor: float = Field(1.0, gt=0, description="the deformation encoder's learning rate, x lr")
+    lr_final: float = Field(
+        0.1, gt=0, le=1, description="learning rates at the last step, as a fraction of their start (cosine decay "
+        "over the epochs; 1 = constant)")
     kl_weight: float | None = Field(
         0.0, ge=0, description="weight of the KL term on z; None = 1 / (zdim * box^2) (cryoDRGN's scaling). "
         "Off by default: with it the latent collapsed on simulated two-state data (loss stuck at 0.58 "
@@ -156,10 +160,31 @@ def estimate_data_scale(data: ParticleData, box: int, n: int = 500, seed: int = 
 
 def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer:
     grid = list(model.grid.parameters())
-    grid_ids = {id(p) for p in grid}
-    rest = [p for p in model.parameters() if id(p) not in grid_ids]
-    return torch.optim.Adam([{"params": rest, "lr": cfg.lr},
-                             {"params": grid, "lr": cfg.lr * cfg.hash_lr_factor}], betas=(0.9, 0.99), eps=1e-15)
+    # a group of its own only when it differs, so the optimizer state of older checkpoints still loads
+    enc = list(model.def_encoder.parameters()) if hasattr(model, "def_encoder") and cfg.encoder_lr_factor != 1 else []
+    special = {id(p) for p in grid + enc}
+    rest = [p for p in model.parameters() if id(p) not in special]
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": grid, "lr": cfg.lr * cfg.hash_lr_factor}]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.lr * cfg.encoder_lr_factor})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+
+
+def lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """Cosine decay from 1 to ``lr_final`` over the run (``progress`` 0..1).
+
+    At a constant rate the field kept moving with every minibatch's noise: on the SNR-0.1 hinge the maps'
+    FSC-AUC went up and down by +-0.01 from epoch to epoch after epoch 5 (0.172, 0.161, 0.174, 0.163).
+    The cosine keeps the rate near its start while the motion is being learned (above 0.9 for the
+    first fifth of the run) and lets the last epochs average the noise out."""
+    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def set_learning_rates(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g.setdefault("base_lr", g["lr"]) * factor
 
 
 def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, epoch: int,
@@ -339,6 +364,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             elif step % cfg.sync_every == 0 and ctx.any(should_abort()):  # the same steps on every rank
                 raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            set_learning_rates(opt, lr_factor(cfg, (epoch + step / steps_per_epoch) / cfg.epochs))
             eps = latent_noise(ctx, len(global_batches[step]), model_cfg.zdim, device) if model_cfg.zdim > 0 else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,

@@ -31,6 +31,8 @@ class JobConfig(BaseModel):
     train_box: int | None = Field(None, ge=16, description="Fourier-crop images to this box for training (even; default: 64 or the input box if smaller)")
     batch_size: int = Field(8, ge=1, description="images per training step")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (hash tables 10x)")
+    lr_final: float = Field(0.1, gt=0, le=1, description="learning rates at the end of training as a fraction of "
+                            "their start (cosine decay over the epochs; 1 = constant)")
     poses: Literal["given", "refine", "predict"] = Field(
         "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
     ctf: bool = Field(True, description="particles carry CTF parameters; no = images without a CTF (simulated or already corrected): train without CTF correction")
@@ -41,9 +43,15 @@ class JobConfig(BaseModel):
     enc_dim: int = Field(128, ge=8, description="width of the image encoders")
     hash_scale: float | None = Field(None, ge=1.0, description="hash-grid per-level scale (default: finest level = training box; 1.5 = paper/tcnn config)")
     render: Literal["rotated", "canonical"] = Field(
-        "rotated", description="rotated = the field at each image's rotated grid (the paper's form); canonical = "
-        "the field once per step on a jittered voxel grid, each image's map projected (faster, less accurate "
-        "at high resolution)")
+        "canonical", description="canonical = the field once per step on a jittered voxel grid, each image's map "
+        "projected (about 2x faster); rotated = the field at each image's rotated grid (the paper's form)")
+    cross_values: Literal["deformation", "queries"] = Field(
+        "deformation", description="values of the decoder's cross-attention: deformation = from the image's "
+        "deformation tokens F_D (z moves the tokens directly; learns the motion sooner at low SNR); queries = "
+        "Attn(Q, F_D, Q), the paper's form")
+    encoder_box: int | None = Field(
+        None, ge=8, description="the deformation encoder sees the image Fourier-cropped to this box (a low-pass; "
+        "even); default: the training box")
     occupancy: bool = Field(True, description="render only occupied cells of a coarse grid (4 px cells) "
                             "estimated from the field; 0 elsewhere")
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
@@ -60,7 +68,7 @@ class JobConfig(BaseModel):
     amp: bool = Field(True, description="mixed precision on GPU")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (with several workers: shared by the workers on one machine)")
 
-    @field_validator("train_box", "map_box")
+    @field_validator("train_box", "map_box", "encoder_box")
     @classmethod
     def _even(cls, v: int | None) -> int | None:
         if v is not None and v % 2:

@@ -82,8 +82,8 @@ def training_box(config: JobConfig, box: int) -> int:
 
 
 def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
-    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                       device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
+    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_final=config.lr_final,
+                       seed=config.seed, device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
                        occupancy_refresh=config.occupancy_refresh, coarse_epochs=config.coarse_epochs)
 
 
@@ -93,7 +93,8 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
         box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,
         channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
         enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
-        hash_scale=config.hash_scale, render=config.render,
+        hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
+        encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
         occupancy_cells=max(1, tb // OCCUPANCY_CELL_PX) if config.occupancy else 0)
 
 

@@ -8,7 +8,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CI has 2 cores; CRYOFORMER_TEST_THREADS=1 leaves one free when something else runs beside the suite
+torch.set_num_threads(int(os.environ.get("CRYOFORMER_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def pytest_collection_modifyitems(config, items):

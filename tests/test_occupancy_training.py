@@ -65,7 +65,9 @@ def test_occupancy_grid_keeps_all_density(hinge, tmp_path):
     del model.occupancy
     model._lattices.clear()
     field = np.stack([free.volumes(zi[None])[0] for zi in z[::8]])
-    assert frac < 0.8 and empty.sum() > 0
+    # at box 24 the 6 cells a side hold the molecule plus its 1-cell margin in most of the sphere; the cells
+    # left empty must still be many, and empty for a reason (the field is small there)
+    assert frac < 0.9 and empty.sum() > 0.1 * sphere_mask(BOX).numpy().sum()
     assert np.abs(field[:, empty]).max() < 0.15 * np.abs(field).max()
     assert np.sqrt((field[:, empty] ** 2).mean()) < 0.05 * np.abs(field).max()
 

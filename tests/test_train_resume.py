@@ -56,3 +56,45 @@ def test_checkpoint_is_written_atomically(tmp_path):
     tcfg = tcfg.model_copy(update={"epochs": 1})
     train(data, mcfg, tcfg, tmp_path, log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_learning_rates_follow_the_cosine_and_resume_with_it(tmp_path, monkeypatch):
+    """The rates each step uses: the start value at the first step, falling to lr_final x start at the end,
+    and after an interruption the resumed run uses the rates the uninterrupted one used."""
+    import cryoformer.train as T
+
+    def record(path, should_abort=lambda: False):
+        seen = []
+        real_step = torch.optim.Adam.step
+
+        def step(opt, *a, **k):
+            seen.append([g["lr"] for g in opt.param_groups])
+            return real_step(opt, *a, **k)
+
+        monkeypatch.setattr(torch.optim.Adam, "step", step)
+        try:
+            train(_data(), mcfg, tcfg, path, log=lambda m: None, should_abort=should_abort)
+        except TrainingAborted:
+            pass
+        monkeypatch.undo()
+        return np.array(seen)
+
+    mcfg, tcfg = _cfgs()
+    tcfg = tcfg.model_copy(update={"lr_final": 0.2})
+    full = record(tmp_path / "full")
+    assert full.shape == (9, 2)                                       # 3 epochs x 3 steps; groups: rest, hash grid
+    assert np.allclose(full[0], [tcfg.lr, tcfg.lr * tcfg.hash_lr_factor])
+    assert np.all(np.diff(full[:, 0]) < 0)
+    last_progress = (2 + 2 / 3) / 3
+    assert np.isclose(full[-1, 0] / full[0, 0], 0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * last_progress)))
+    assert T.lr_factor(tcfg, 1.0) == pytest.approx(0.2)
+
+    calls = {"n": 0}
+
+    def abort_in_epoch_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    first = record(tmp_path / "split", abort_in_epoch_two)
+    rest = record(tmp_path / "split")
+    assert np.allclose(np.concatenate([first[:3], rest]), full)
