@@ -409,7 +409,8 @@ def merge_report(res: dict, stem: Path) -> None:
     with open(_with_ext(stem, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(_with_ext(stem, ".json").read_text()) if _with_ext(stem, ".json").exists() else None
-        if old and old["dataset"] == res["dataset"] and old["threads"] == res["threads"]:
+        same = lambda d: {k: v for k, v in d.items() if not k.endswith("_s")}  # noqa: E731 - not the timings
+        if old and same(old["dataset"]) == same(res["dataset"]) and old["threads"] == res["threads"]:
             methods = {**old["methods"], **res["methods"]}
             commands = [c for c in old.get("commands", [old["command"]]) if c != res["command"]] + [res["command"]]
             res = {**old, "methods": {k: methods[k] for k in ("cryodrgn", "cryoformer") if k in methods},

@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     hash_lr_factor: float = Field(10.0, gt=0, description="hash tables learn faster, as in Instant-NGP")
     encoder_lr_factor: float = Field(1.0, gt=0, description="the deformation encoder's learning rate, x lr")
     lr_final: float = Field(
-        0.1, gt=0, le=1, description="learning rates at the last step, as a fraction of their start (cosine decay "
+        1.0, gt=0, le=1, description="learning rates at the last step, as a fraction of their start (cosine decay "
         "over the epochs; 1 = constant)")
     kl_weight: float | None = Field(
         0.0, ge=0, description="weight of the KL term on z; None = 1 / (zdim * box^2) (cryoDRGN's scaling). "

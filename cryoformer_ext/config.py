@@ -31,8 +31,9 @@ class JobConfig(BaseModel):
     train_box: int | None = Field(None, ge=16, description="Fourier-crop images to this box for training (even; default: 64 or the input box if smaller)")
     batch_size: int = Field(8, ge=1, description="images per training step")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (hash tables 10x)")
-    lr_final: float = Field(0.1, gt=0, le=1, description="learning rates at the end of training as a fraction of "
-                            "their start (cosine decay over the epochs; 1 = constant)")
+    lr_final: float = Field(1.0, gt=0, le=1, description="learning rates at the end of training as a fraction of "
+                            "their start (cosine decay over the epochs; 1 = constant). 0.1 steadies the last "
+                            "epochs of a long run; in short runs it stops the motion being learned")
     poses: Literal["given", "refine", "predict"] = Field(
         "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
     ctf: bool = Field(True, description="particles carry CTF parameters; no = images without a CTF (simulated or already corrected): train without CTF correction")

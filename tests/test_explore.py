@@ -108,7 +108,7 @@ def test_traverse_between_extreme_classes_passes_only_through_particles(job, rec
     lat = np.load(job / "latents.npy")
     centers = json.loads((job / "analysis" / "summary.json").read_text())["kmeans"]["center_particles"]
     out = tmp_path / "trav"
-    assert cf("eval", job, "--traverse", "c1", "c4", "--max-neighbors", "20", "--avg-neighbors", "10",
+    assert cf("eval", job, "--traverse", "c1", "c4", "--max-neighbors", "20", "--avg-neighbors", "15",
               "--steps", "5", "--out", out) == 0
     record = json.loads((out / "maps.json").read_text())
     path = record["graph_path"]["particles"]  # the whole path; --steps 5 decoded 5 of its particles

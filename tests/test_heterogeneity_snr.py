@@ -19,7 +19,7 @@ from cryoformer_ext.config import JobConfig
 from cryoformer_ext.job import model_config_for, train_config_for
 from cryoformer_ext.recovery import latent_scores, state_scores
 
-DATA_BOX, TRAIN_BOX, N, STATES, SNR, EPOCHS = 48, 24, 2000, 3, 0.1, 8
+DATA_BOX, TRAIN_BOX, N, STATES, SNR, EPOCHS = 64, 32, 2000, 3, 0.1, 14
 
 
 @pytest.mark.slow
