@@ -395,6 +395,8 @@ def write_report(res: dict, stem: Path) -> None:
                      f"(AUC {m['orientation']['auc_best']:.4f} vs {m['orientation']['auc_identity']:.4f} as written)")
         if m.get("job"):
             lines.append(f"  job parameters: `{m['job']}`")
+    if res.get("note"):
+        lines += ["", res["note"]]
     _with_ext(stem, ".md").write_text("\n".join(lines) + "\n")
     plot_curves(res, _with_ext(stem, ".png"))
 
