@@ -41,11 +41,17 @@ class MaskedImageMLP(nn.Module):
         self.extra_inputs = extra_inputs
         self.net = mlp(int(mask.sum()) + extra_inputs, hidden, layers, out_dim)
 
-    def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None, fp32_head: bool = False) -> torch.Tensor:
+        """``fp32_head``: the last layer runs in fp32 even under autocast (outputs whose small differences
+        matter, such as a latent's mean and log-variance), the hidden layers in the autocast dtype."""
         flat = images.reshape(images.shape[0], -1).index_select(1, self.pixel_index)
         if self.extra_inputs:
             flat = torch.cat([flat, extra.reshape(flat.shape[0], -1).to(flat.dtype)], dim=1)
-        return self.net(flat)
+        if not fp32_head:
+            return self.net(flat)
+        hidden = self.net[:-1](flat)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.net[-1](hidden.float())
 
 
 class DeformationEncoder(nn.Module):
@@ -75,7 +81,9 @@ class DeformationEncoder(nn.Module):
             psi, view = split_inplane(rot.float())
             images = rotate_images(images, psi)
             extra = view.reshape(-1, 9)
-        out = self.body(images, extra)
+        # fp32 mean and log-variance: in bf16 (8 bits of mantissa) z = mu + eps * sigma and the KL term
+        # would be rounded to about 0.4 % of mu, more than the spread of nearby conformations' latents
+        out = self.body(images, extra, fp32_head=True)
         mu, logvar = out[:, : self.zdim], out[:, self.zdim:]
         return mu, torch.clamp(logvar, -10.0, 5.0)
 

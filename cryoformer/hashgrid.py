@@ -239,6 +239,52 @@ def _tcnn_available() -> bool:
     return True
 
 
+# what a tiny tinycudann forward did on each device: None = it ran in fp32, else why tcnn is not used
+_TCNN_PROBES: dict[torch.device, str | None] = {}
+_PROBE_CONFIG = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 8,
+                 "base_resolution": 4, "per_level_scale": 1.5, "interpolation": "Linear"}
+
+
+def _make_tcnn_encoding(tcnn, config: dict, seed: int):
+    """An fp32 tcnn Encoding. Bindings too old for ``dtype`` would run fp16 (tcnn's default) without a
+    word: refused, with the reason."""
+    try:
+        return tcnn.Encoding(3, config, seed=seed, dtype=torch.float32)
+    except TypeError as err:
+        raise RuntimeError(f"these tinycudann bindings take no dtype and would run the hash grid in fp16 ({err}); "
+                           "install bindings of a newer tiny-cuda-nn") from None
+
+
+def _probe_points(device: torch.device) -> torch.Tensor:
+    return torch.rand(256, 3, device=device)
+
+
+def tcnn_probe(device: torch.device) -> str | None:
+    """Whether tinycudann really runs on ``device``: None when a tiny fp32 forward worked, else the reason.
+
+    A build without this GPU's architecture imports fine and fails at its first kernel ("no kernel image
+    is available"), so importing proves nothing; the result is kept per device."""
+    device = torch.device(device)
+    if device in _TCNN_PROBES:
+        return _TCNN_PROBES[device]
+    if not _tcnn_available():
+        reason = "tinycudann does not import"
+    else:
+        try:
+            import tinycudann as tcnn
+
+            with torch.cuda.device(device):
+                enc = _make_tcnn_encoding(tcnn, _PROBE_CONFIG, 1337)
+                out = enc(_probe_points(device))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # a kernel's failure surfaces here at the latest
+            reason = None if out.dtype == torch.float32 else f"it returned {out.dtype}, not float32"
+        except Exception as err:  # noqa: BLE001 - any failure means: use the torch grid
+            reason = f"its first forward failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    _TCNN_PROBES[device] = reason
+    return reason
+
+
 class HashGrid(torch.nn.Module):
     """Multi-resolution hash-grid encoding, numerically tcnn's ``HashGrid`` with Linear interpolation.
 
@@ -308,7 +354,20 @@ class HashGrid(torch.nn.Module):
             return False
         if self.backend == "tcnn":
             return True
-        return x.is_cuda and _tcnn_available()
+        return x.is_cuda and _tcnn_available() and tcnn_probe(x.device) is None
+
+    def backend_note(self, device: torch.device) -> str:
+        """For the training log: which hash-grid implementation runs on ``device`` and in what precision
+        (and why not tcnn, when it is installed but does not run)."""
+        device = torch.device(device)
+        if self.backend == "tcnn" or (self.backend == "auto" and device.type == "cuda" and _tcnn_available()):
+            reason = tcnn_probe(device)
+            if reason is None:
+                return "hash grid tinycudann (fp32)"
+            if self.backend == "tcnn":
+                raise RuntimeError(f"backend='tcnn' but tinycudann does not run on {device}: {reason}")
+            return f"hash grid torch (fp32; tinycudann not used: {reason})"
+        return "hash grid torch (fp32)"
 
     def _tcnn_forward(self, x: torch.Tensor) -> torch.Tensor:
         import tinycudann as tcnn
@@ -327,10 +386,7 @@ class HashGrid(torch.nn.Module):
                 "interpolation": "Linear",
             }
             with torch.cuda.device(self.params.device):
-                try:
-                    enc = tcnn.Encoding(3, config, seed=self.seed, dtype=torch.float32)
-                except TypeError:  # older bindings without ``dtype``
-                    enc = tcnn.Encoding(3, config, seed=self.seed)
+                enc = _make_tcnn_encoding(tcnn, config, self.seed)
             if enc.params.numel() != self.params.numel():
                 raise RuntimeError(
                     f"tcnn HashGrid has {enc.params.numel()} params, the torch layout "

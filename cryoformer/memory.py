@@ -17,10 +17,13 @@ MEMORY_SHARE = 0.5
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or the host's MemAvailable (Linux), else 4 GiB."""
+    """Memory a step may still use on ``device``: on CUDA the driver's free memory plus what PyTorch's
+    caching allocator holds but does not use (``cudaMemGetInfo`` counts cached blocks as used, so after
+    the first step the free memory alone would look halved); on the host MemAvailable (Linux), else 4 GiB."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
     env = os.environ.get("CRYOFORMER_MEMORY_BYTES")  # for tests and for capping a shared node
     if env:
         return int(env)
@@ -56,6 +59,24 @@ def points_per_chunk(mode: str, *, tokens: int, channels: int, batch: int, budge
     return max(1, int(budget_bytes) // (max(1, batch) * per_point))
 
 
+# CUDA budgets by device, kept until :func:`invalidate_budget`: the chunk size must not change from step to
+# step with what the allocator happens to hold, and the driver query is not free
+_BUDGETS: dict[torch.device, int] = {}
+
+
 def activation_budget(device: torch.device, share: float = MEMORY_SHARE) -> int:
-    """Bytes a training step's activations may take: ``share`` of the free memory."""
-    return int(available_bytes(device) * share)
+    """Bytes a training step's activations may take: ``share`` of the available memory.
+
+    On CUDA computed once and reused until :func:`invalidate_budget` (the trainer calls it when training
+    starts and whenever the occupancy grid, hence the number of points a step renders, changes)."""
+    if device.type != "cuda":
+        return int(available_bytes(device) * share)
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _BUDGETS:
+        _BUDGETS[key] = int(available_bytes(key) * share)
+    return _BUDGETS[key]
+
+
+def invalidate_budget() -> None:
+    """Forget the CUDA budgets: the next :func:`activation_budget` asks the device again."""
+    _BUDGETS.clear()

@@ -82,9 +82,20 @@ _PLASTIC = 1.324717957244746
 _R3 = (1 / _PLASTIC, 1 / _PLASTIC ** 2, 1 / _PLASTIC ** 3)
 
 
+_R3_ON_DEVICE: dict = {}
+
+
 def jitter_offset(step: int, device=None) -> torch.Tensor:
-    """Sub-voxel offset (3,) in [-1/2, 1/2) of training step ``step``."""
-    return torch.tensor([(0.5 + step * a) % 1.0 - 0.5 for a in _R3], device=device)
+    """Sub-voxel offset (3,) in [-1/2, 1/2) of training step ``step``: ``(0.5 + step * a) % 1 - 0.5``.
+
+    Computed on the device from a constant copied there once, with the step number as a kernel scalar:
+    ``torch.tensor(list, device=cuda)`` every step would be a pageable copy that waits for the GPU. In
+    fp64, so that it is the same number as the host formula's (rounded once to fp32) for any step count."""
+    dev = torch.device(device if device is not None else "cpu")
+    r3 = _R3_ON_DEVICE.get(dev)
+    if r3 is None:
+        r3 = _R3_ON_DEVICE[dev] = torch.tensor(_R3, dtype=torch.float64, device=dev)
+    return (r3 * step + 0.5).remainder_(1.0).sub_(0.5).float()
 
 
 # the hash-grid corners of the canonical lattice are kept between steps up to this size (about 1 KB a

@@ -25,6 +25,7 @@ from .data import ParticleData
 from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
 from .distributed import current as _dist_current
 from .lattice import fourier_crop
+from .memory import invalidate_budget
 from .model import CryoFormer, ModelConfig
 
 CHECKPOINT_NAME = "last.pt"
@@ -169,7 +170,14 @@ def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer
         groups.append({"params": enc, "lr": cfg.lr * cfg.encoder_lr_factor})
     for g in groups:
         g["base_lr"] = g["lr"]
-    return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    return torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, **adam_options(next(model.parameters()).device))
+
+
+def adam_options(device: torch.device) -> dict:
+    """Fused Adam on CUDA: one kernel for all parameters instead of a few per tensor (the step is
+    launch-bound there); the same arithmetic, and its state dict loads into the unfused optimiser and
+    back (a checkpoint moves between a GPU and a CPU run)."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 def lr_factor(cfg: TrainConfig, progress: float) -> float:
@@ -240,11 +248,14 @@ def coarse_box(box: int) -> int:
     return max(8, box // 4 * 2)
 
 
-def stage_box(box: int, coarse: bool, occupancy) -> int:
+def stage_box(box: int, coarse: bool, estimates: int | None) -> int:
     """The box a step renders at: half the training box in the coarse epochs, and while the occupancy grid
     has not been estimated yet (the whole sphere is rendered then, which at the full box would cost as
-    much as several epochs of the occupied cells)."""
-    warming_up = occupancy is not None and int(occupancy.estimates) == 0
+    much as several epochs of the occupied cells).
+
+    ``estimates``: how often the occupancy grid was estimated (None = no grid), a Python int the trainer
+    keeps: reading the grid's device counter every step would wait for the GPU."""
+    warming_up = estimates is not None and estimates == 0
     return coarse_box(box) if coarse or warming_up else box
 
 
@@ -316,6 +327,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
         resumed = load_checkpoint(path, "cpu")  # the RNG states must stay CPU tensors; weights move below
         model_cfg = ModelConfig(**resumed["model_config"])
     model = CryoFormer(model_cfg).to(device)
+    invalidate_budget()  # memory budgets of an earlier run on this device are out of date
     opt = make_optimizer(model, cfg)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -338,11 +350,14 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     amp_dtype = autocast_dtype(device, cfg.amp)
     log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}, "
-        + precision_note(device, cfg.amp) + (f", {ctx.world} ranks" if ctx is not None else ""))
+        + precision_note(device, cfg.amp) + ", " + model.grid.backend_note(device)
+        + (f", {ctx.world} ranks" if ctx is not None else ""))
     t_start, done_imgs, last_log = time.time(), 0, 0.0
     total_imgs = (cfg.epochs - start_epoch) * n
     model.train()
     occupancy = getattr(model, "occupancy", None)
+    # read from the device once here (after a checkpoint load) and then counted on the host
+    estimates = None if occupancy is None else int(occupancy.estimates)
     for epoch in range(start_epoch, cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         pose_w = cfg.pose_weight * 0.5 ** epoch
@@ -368,7 +383,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             eps = latent_noise(ctx, len(global_batches[step]), model_cfg.zdim, device) if model_cfg.zdim > 0 else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,
-                          box=stage_box(model_cfg.box, coarse, occupancy), step=epoch * steps_per_epoch + step)
+                          box=stage_box(model_cfg.box, coarse, estimates), step=epoch * steps_per_epoch + step)
             loss = out["mse"]
             if "kl" in out:
                 loss = loss + kl_w * out["kl"]
@@ -389,7 +404,9 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
                 if ctx is not None:  # rank 0's grid for all: the ranks must render the same points
                     ctx.broadcast_(occupancy.occupied)
                     occupancy.version += 1
-                log(f"occupancy grid estimated ({int(occupancy.estimates)}): {frac:.1%} of the sphere is rendered")
+                estimates += 1
+                invalidate_budget()
+                log(f"occupancy grid estimated ({estimates}): {frac:.1%} of the sphere is rendered")
             if step_hook is not None:
                 step_hook(epoch, step)
             now = time.time()

@@ -253,26 +253,95 @@ class _SyncCounter:
         self.step_calls.append([])
 
 
-def _sync_run(monkeypatch, tmp_path, n=40, batch=2, sync_every=4):
+class _HostCopyCounter:
+    """Counts tensors made from host data in the model's forward (``torch.tensor``/``as_tensor``, and
+    ``Tensor.to(device)`` of a tensor that is not page-locked or not ``non_blocking``): on CUDA each is a
+    pageable host-to-device copy that waits for the stream. (The batches come pinned from the reading
+    thread: ``test_batches_are_pinned_in_the_reading_thread_bound_to_the_gpu``.)"""
+
+    def __init__(self, monkeypatch, sync: "_SyncCounter"):
+        self.sync = sync
+        self.in_forward = False
+        self.step_calls: list[list[str]] = [[]]
+        real_forward = CryoFormer.forward  # the sync counter's wrapper
+
+        def forward(model, *a, **k):
+            self.in_forward = True
+            try:
+                return real_forward(model, *a, **k)
+            finally:
+                self.in_forward = False
+
+        monkeypatch.setattr(CryoFormer, "forward", forward)
+        for name in ("tensor", "as_tensor"):
+            real = getattr(torch, name)
+            def made(data, *a, _real=real, _name=name, **k):
+                # as_tensor of a tensor is the tensor itself (or a cast on its device): no host copy
+                if not (_name == "as_tensor" and torch.is_tensor(data)):
+                    self._note(_name)
+                return _real(data, *a, **k)
+
+            monkeypatch.setattr(torch, name, made)
+        real_to = torch.Tensor.to
+
+        def to(t, *a, **k):
+            target = next((x for x in list(a) + [k.get("device")] if isinstance(x, (str, torch.device))), None)
+            if target is not None and not (k.get("non_blocking") and t.is_pinned()):
+                self._note("to")
+            return real_to(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+
+    def _note(self, name: str) -> None:
+        if self.in_forward:
+            self.step_calls[-1].append(name)
+
+
+def _sync_run(monkeypatch, tmp_path, n=40, batch=2, sync_every=4, model_cfg=None, **train_kw):
     data = _data(n)
-    tcfg = TrainConfig(epochs=1, batch_size=batch, seed=5, log_interval_s=1e9, prefetch=0, sync_every=sync_every)
+    tcfg = TrainConfig(epochs=1, batch_size=batch, seed=5, log_interval_s=1e9, prefetch=0, sync_every=sync_every,
+                       **train_kw)
     counter = _SyncCounter(monkeypatch)
-    train(data, ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None, step_hook=counter.hook)
-    return counter.step_calls
+    copies = _HostCopyCounter(monkeypatch, counter)
+    real_hook = counter.hook
+
+    def hook(epoch, step):
+        real_hook(epoch, step)
+        copies.step_calls.append([])
+
+    train(data, model_cfg or ModelConfig(**TINY), tcfg, tmp_path, log=lambda m: None, step_hook=hook)
+    return counter.step_calls, copies.step_calls
 
 
-def _assert_syncs_only_every(step_calls, sync_every, steps):
+def _assert_syncs_only_every(step_calls, sync_every, steps, also=()):
     """Reads only right after the hook of every ``sync_every``-th step (the loss check, and the abort
-    poll at the start of the next step), of the first step (its progress line) and of the last."""
+    poll at the start of the next step), of the first step (its progress line) and of the last, and in
+    the slots ``also``."""
     synced = {i for i, calls in enumerate(step_calls) if calls}
     assert synced, "no synchronisation at all: the loss check is gone"
-    allowed = {s + 1 for s in range(steps) if (s + 1) % sync_every == 0 or s in (0, steps - 1)}
+    allowed = {s + 1 for s in range(steps) if (s + 1) % sync_every == 0 or s in (0, steps - 1)} | set(also)
     assert synced <= allowed, (sorted(synced), [len(c) for c in step_calls])
 
 
 def test_step_loop_does_not_wait_for_the_device(monkeypatch, tmp_path):
-    step_calls = _sync_run(monkeypatch, tmp_path)
+    step_calls, copies = _sync_run(monkeypatch, tmp_path)
     _assert_syncs_only_every(step_calls, 4, 20)
+    assert not any(copies[1:]), [len(c) for c in copies]
+
+
+def test_step_loop_with_occupancy_waits_only_where_the_grid_changes(monkeypatch, tmp_path):
+    """The defaults (occupancy grid, canonical render with a jittered grid): no device read and no copy
+    from pageable host memory in a step, except the first (lattices and constants are made there) and
+    the step that estimates the grid (at 8 images: step 3 of 2 images) and the next one (new lattices)."""
+    from cryoformer.train import occupancy_due
+
+    cfg = ModelConfig(**{**TINY, "occupancy_cells": 4, "render": "canonical", "jitter": 1.0})
+    step_calls, copies = _sync_run(monkeypatch, tmp_path, model_cfg=cfg, occupancy_warmup=8)
+    tcfg = TrainConfig(occupancy_warmup=8)
+    estimated = [s for s in range(20) if occupancy_due(tcfg, 40, 2 * s, 2 * s + 2)]
+    assert estimated == [3]
+    _assert_syncs_only_every(step_calls, 4, 20, also={0, 3, 4})
+    assert {i for i, c in enumerate(copies) if c} <= {0, 3, 4}, [len(c) for c in copies]
 
 
 @pytest.fixture
@@ -303,7 +372,7 @@ def test_data_parallel_step_loop_polls_abort_every_k_steps(monkeypatch, tmp_path
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(CryoFormer, "forward", forward)
-    step_calls = _sync_run(monkeypatch, tmp_path)
+    step_calls, _ = _sync_run(monkeypatch, tmp_path)
     _assert_syncs_only_every(step_calls, 4, 20)
     assert set(modes) == {(0, True)}
     assert reduced.count(1) == 5  # the abort flag: steps 0, 4, 8, 12, 16 of 20
@@ -530,3 +599,143 @@ def test_process_group_device_id_only_where_torch_has_it(monkeypatch, has_device
         assert device == torch.device("cuda", 1)
     assert bound == [torch.device("cuda", 1)]
     assert got == ({"backend": "nccl", "device_id": torch.device("cuda", 1)} if has_device_id else {"backend": "nccl"})
+
+
+# ------------------------------------------------------------------- the CUDA memory budget
+def test_cuda_budget_counts_the_allocator_cache_and_is_kept_until_invalidated(monkeypatch):
+    """``cudaMemGetInfo`` counts PyTorch's cached blocks as used: after a step that cached 30 of 40 GiB the
+    free memory alone would halve the budget. Budget = free + reserved - allocated, asked once."""
+    from cryoformer import memory
+
+    gib = 1 << 30
+    state = {"free": 40 * gib, "reserved": 0, "allocated": 0}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: asked.append(d) or (state["free"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: state["allocated"])
+    gpu = torch.device("cuda", 0)
+    memory.invalidate_budget()
+    assert memory.activation_budget(gpu) == 20 * gib
+    # the first step cached 30 GiB of which 2 GiB stay allocated (weights, optimiser state)
+    state.update(free=10 * gib, reserved=30 * gib, allocated=2 * gib)
+    assert memory.activation_budget(gpu) == 20 * gib and len(asked) == 1   # not re-read every step
+    memory.invalidate_budget()                                                # the occupancy grid changed
+    assert memory.activation_budget(gpu) == (10 + 30 - 2) * gib // 2
+    assert len(asked) == 2
+    memory.invalidate_budget()
+
+
+def test_training_recomputes_the_budget_only_when_the_occupancy_grid_changes(monkeypatch, tmp_path):
+    import cryoformer.train as tr
+
+    calls = []
+    real = tr.invalidate_budget
+    monkeypatch.setattr(tr, "invalidate_budget", lambda: calls.append(1) or real())
+    cfg = ModelConfig(**{**TINY, "occupancy_cells": 4})
+    tcfg = TrainConfig(epochs=1, batch_size=2, log_interval_s=1e9, prefetch=0, occupancy_warmup=8,
+                       occupancy_refresh=12)
+    train(_data(40), cfg, tcfg, tmp_path, log=lambda m: None)
+    assert len(calls) == 1 + 3  # at the start, and at 8, 20 and 32 images
+
+
+# ------------------------------------------------------------------- the latent in fp32
+def test_latent_mean_logvar_and_kl_stay_fp32_under_bf16_autocast():
+    """The noise must not be rounded to bf16 (8 mantissa bits) on its way into z, nor the KL term."""
+    model = CryoFormer(ModelConfig(**{**TINY, "chunk_points": 1 << 30}))
+    sim = _sim()
+    args = (torch.as_tensor(sim.images[:4]), None, torch.as_tensor(sim.rot[:4]), torch.as_tensor(sim.shift_px[:4]))
+    eps = torch.full((4, 2), 1.0 + 2.0 ** -12)  # 1 in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*args, eps=eps)
+        mu, logvar = model.encode(args[0] / model.cfg.data_scale, args[3], args[2])
+    assert out["mu"].dtype == torch.float32 and mu.dtype == logvar.dtype == torch.float32
+    assert out["kl"].dtype == torch.float32
+    # the fp32 reference of the same formula, from the same fp32 mean and log-variance
+    ref_kl = (-0.5 * (1 + logvar - mu * mu - logvar.exp()).sum(-1)).mean()
+    assert torch.allclose(out["kl"], ref_kl, rtol=1e-6, atol=0)
+    # the last encoder layer is fp32: mean and log-variance are not bf16-representable numbers
+    assert not torch.equal(mu, mu.bfloat16().float())
+
+
+# ------------------------------------------------------------------- tcnn probe
+def _probing_tcnn(fail: str | None, no_dtype: bool = False):
+    """A fake tinycudann whose Encoding records its calls; ``fail``: the first forward raises this
+    (a build without the GPU's architecture); ``no_dtype``: bindings too old for ``dtype``."""
+    calls = []
+
+    class Encoding(torch.nn.Module):
+        def __init__(self, n_input_dims, config, seed=1337, **kw):
+            super().__init__()
+            if no_dtype and "dtype" in kw:
+                raise TypeError("__init__() got an unexpected keyword argument 'dtype'")
+            calls.append(("init", config["n_levels"], kw.get("dtype")))
+            self.params = torch.nn.Parameter(torch.zeros(16))
+
+        def forward(self, x):
+            calls.append(("forward", x.shape[0]))
+            if fail:
+                raise RuntimeError(fail)
+            return torch.zeros(x.shape[0], 4)
+
+    return types.SimpleNamespace(Encoding=Encoding), calls
+
+
+@pytest.fixture
+def tcnn_installed(monkeypatch):
+    import cryoformer.hashgrid as hg
+
+    def install(fake):
+        monkeypatch.setitem(sys.modules, "tinycudann", fake)
+        hg._tcnn_available.cache_clear()
+        hg._TCNN_PROBES.clear()
+
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(hg, "_probe_points", lambda device: torch.rand(256, 3))  # no CUDA tensor here
+    yield install
+    hg._tcnn_available.cache_clear()
+    hg._TCNN_PROBES.clear()
+
+
+@pytest.mark.parametrize("fail, no_dtype, want", [
+    ("CUDA error: no kernel image is available for execution on the device", False,
+     "hash grid torch (fp32; tinycudann not used: its first forward failed: RuntimeError: CUDA error: no kernel image"),
+    (None, True, "hash grid torch (fp32; tinycudann not used: its first forward failed: RuntimeError: these "
+                 "tinycudann bindings take no dtype and would run the hash grid in fp16"),
+    (None, False, "hash grid tinycudann (fp32)")])
+def test_tcnn_is_chosen_only_when_a_tiny_forward_runs(tcnn_installed, fail, no_dtype, want):
+    from cryoformer.hashgrid import HashGrid, tcnn_probe
+
+    fake, calls = _probing_tcnn(fail, no_dtype)
+    tcnn_installed(fake)
+    grid = HashGrid(n_levels=2, log2_table_size=8)
+    gpu = torch.device("cuda", 0)
+    note = grid.backend_note(gpu)
+    assert note.startswith(want), note
+    assert (tcnn_probe(gpu) is None) == (want == "hash grid tinycudann (fp32)")
+    assert calls.count(("forward", 256)) == (0 if no_dtype else 1)   # probed once per device, then kept
+    if not no_dtype:
+        assert calls[0] == ("init", 2, torch.float32)
+
+
+def test_training_log_names_the_hash_grid_backend_and_precision(tcnn_installed, tmp_path):
+    from cryoformer.hashgrid import HashGrid
+
+    lines = []
+    train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, batch_size=8, prefetch=0), tmp_path, log=lines.append)
+    assert "fp32, hash grid torch (fp32)" in lines[0]
+    # a broken tcnn build on a GPU: the log says torch ran, and why
+    fake, _ = _probing_tcnn("CUDA error: no kernel image is available")
+    tcnn_installed(fake)
+    assert "tinycudann not used: its first forward failed" in HashGrid().backend_note(torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="backend='tcnn' but tinycudann does not run"):
+        HashGrid(backend="tcnn").backend_note(torch.device("cuda", 0))
+
+
+# ------------------------------------------------------------------- fused Adam
+def test_adam_is_fused_on_cuda_only():
+    from cryoformer.train import adam_options, make_optimizer
+
+    assert adam_options(torch.device("cuda", 1)) == {"fused": True}
+    assert adam_options(torch.device("cpu")) == {}
+    assert not make_optimizer(CryoFormer(ModelConfig(**TINY)), TrainConfig()).defaults.get("fused")
