@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import gitref  # noqa: E402
 from profile_step import prepare_model  # noqa: E402
 
@@ -41,7 +42,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     from cryoformer.simulate import simulate
     from cryoformer.train import TrainConfig, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for, select_device
+    from default_model import default_device, default_model_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -50,8 +51,8 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     # overrides apply only to parameters this code version has (the baseline's JobConfig is older)
     extra_job = {k: v for k, v in (job_overrides or {}).items() if k in JobConfig.model_fields}
     job = JobConfig(train_box=box, batch_size=batch, **extra_job)
-    device = select_device(job)
-    mcfg = model_config_for(data, job, estimate_data_scale(data, box))
+    device = default_device()
+    mcfg = default_model_config(data, job, estimate_data_scale(data, box))
     extra: dict = {}
     steps: list[float] = []
     last = [time.perf_counter()]

@@ -92,6 +92,7 @@ def job_plan(config: JobConfig, env: dict[str, str] | None = None) -> Plan:
     env = os.environ if env is None else env
     if int(env.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in env:
         return Plan("joined", int(env["WORLD_SIZE"]))
+    refuse_bare_srun_tasks(env)
     ids = config.gpu_ids()
     if len(ids) > 1:
         if config.ranks not in (None, len(ids)):
@@ -111,6 +112,27 @@ def job_plan(config: JobConfig, env: dict[str, str] | None = None) -> Plan:
                                  f"{config.gpus!r} give one GPU id per worker instead")
         return Plan("spawn", int(config.ranks))
     return Plan("single")
+
+
+SRUN_TORCHRUN = ('srun --ntasks-per-node=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node=<GPUs per node> '
+                 '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d '
+                 '--rdzv_endpoint="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):29500" '
+                 '-m cryoformer_ext.cli train ...')
+
+
+def refuse_bare_srun_tasks(env) -> None:
+    """``srun -n 4 cryoformer train ...`` starts four processes that are not one group: each would train
+    the whole job alone and write the same output folder. Slurm's task variables alone do not make a
+    torch.distributed group (no rendezvous address), so such a task stops with the launch to use:
+    torchrun under srun (one agent per node), or one task with ``gpus`` on one node."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if tasks <= 1:
+        return
+    proc = env.get("SLURM_PROCID", "?")
+    raise JobConfigError(
+        f"this is Slurm task {proc} of {tasks} (srun -n {tasks}), not a rank of a torch.distributed group: "
+        f"{tasks} independent jobs would write one output folder. Run one task per node that starts torchrun: "
+        f"{SRUN_TORCHRUN}; or, on one node, one task with '--gpus 0,1,2,3' (docs/distributed.md)")
 
 
 def threads_per_rank(config: JobConfig, local_world: int) -> int:

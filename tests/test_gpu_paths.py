@@ -739,3 +739,19 @@ def test_adam_is_fused_on_cuda_only():
     assert adam_options(torch.device("cuda", 1)) == {"fused": True}
     assert adam_options(torch.device("cpu")) == {}
     assert not make_optimizer(CryoFormer(ModelConfig(**TINY)), TrainConfig()).defaults.get("fused")
+
+
+# ------------------------------------------------------------------- Slurm without torchrun
+def test_srun_tasks_without_torchrun_are_refused_with_the_launch_to_use():
+    """``srun -n 4 cryoformer train``: four processes that are no group would each train the whole job into
+    one folder; under torchrun (RANK set) or in a batch script's single process nothing is refused."""
+    from cryoformer_ext.config import JobConfig, JobConfigError
+    from cryoformer_ext.launch import job_plan
+
+    srun = {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_LOCALID": "2"}
+    with pytest.raises(JobConfigError, match=r"Slurm task 2 of 4 \(srun -n 4\).*srun --ntasks-per-node=1 torchrun"):
+        job_plan(JobConfig(), srun)
+    assert job_plan(JobConfig(), {**srun, "RANK": "2", "WORLD_SIZE": "4"}).mode == "joined"
+    # the batch script itself (an allocation of 4 tasks, no srun step) and a one-task srun step run as one job
+    assert job_plan(JobConfig(), {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}).mode == "single"
+    assert job_plan(JobConfig(), {**srun, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}).mode == "single"
