@@ -53,7 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # seconds each check may take on a GPU (the sum stays under the 330 s budget only if nothing hangs; the budget
 # is enforced on top) and in a dry run
-LIMITS_GPU = {"hashgrid": 30, "train": 70, "kill_and_continue": 100, "precision": 70, "ddp": 100,
+LIMITS_GPU = {"hashgrid": 30, "train": 70, "kill_and_continue": 120, "precision": 70, "ddp": 100,
               "host_syncs": 40, "throughput": 120}
 LIMITS_DRY = {k: 300 for k in LIMITS_GPU}
 NEEDS_TRAIN = {"kill_and_continue", "precision", "ddp"}
@@ -73,6 +73,7 @@ class Spec(BaseModel):
     amp: bool = True
     deterministic: bool = True
     occupancy_warmup: int | None = None  # images before the first occupancy estimate (None: the default)
+    compile: bool = False  # the hash grid's level arithmetic through torch.compile (TrainConfig.compile)
 
 
 # ---------------------------------------------------------------------------------------- device
@@ -190,7 +191,7 @@ def run_training(spec: Spec, ckpt_dir: Path, device: torch.device, *,
     data, sim = make_data(spec)
     extra = {} if spec.occupancy_warmup is None else {"occupancy_warmup": spec.occupancy_warmup}
     tcfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch, seed=spec.seed, device=str(device), amp=spec.amp,
-                       log_interval_s=1e9, **extra)
+                       log_interval_s=1e9, compile=spec.compile, **extra)
     with deterministic(spec.deterministic):
         model, history = train(data, model_config(spec, data), tcfg, ckpt_dir, log=log, step_hook=step_hook)
     return model, history, data, sim
@@ -308,7 +309,31 @@ def _worker_cmd(spec: Spec, ckpt: Path, dry_run: bool, kill: tuple[int, int] | N
     return cmd + (["--cpu-dry-run"] if dry_run else [])
 
 
+def _compare_runs(ckpt: Path, ref_ckpt: Path, device, keep: dict, n: int) -> dict:
+    """How far a run's final checkpoint is from the in-process ``train`` run's."""
+    from cryoformer.model import CryoFormer, ModelConfig
+    from cryoformer.train import load_checkpoint
+
+    run, ref = load_checkpoint(ckpt / "last.pt"), load_checkpoint(ref_ckpt / "last.pt")
+    weights = [k for k, v in ref["model"].items() if v.is_floating_point()]
+    grids = [k for k in ref["model"] if k.endswith("occupancy.occupied")]
+    model = CryoFormer(ModelConfig(**run["model_config"])).to(device)
+    model.load_state_dict(run["model"])
+    idx = np.arange(min(4, n))
+    return {"loss_history_max_rel_diff": float(np.max(np.abs(np.subtract(run["loss_history"], ref["loss_history"]))
+                                                      / np.abs(ref["loss_history"]))),
+            "max_abs_param_diff": max(float((run["model"][k].float() - ref["model"][k].float()).abs().max())
+                                      for k in weights),
+            "occupancy_cells_differing": sum(int((run["model"][k] != ref["model"][k]).sum()) for k in grids),
+            "min_map_corr": per_map_corr(maps_at_particles(model, keep["data"], idx),
+                                         maps_at_particles(keep["model"], keep["data"], idx))}
+
+
 def check_kill_and_continue(env: Device, spec: Spec, out: Path, keep: dict) -> dict:
+    """A run killed in epoch 2 and continued ends where the uninterrupted run does. On the CPU exactly; on a
+    GPU the arithmetic does not repeat (atomic scatter-adds, non-deterministic attention kernels, and an
+    occupancy grid estimated from that field), so the continued run is held to the spread of a second
+    uninterrupted run in a process of its own: within 3x its loss difference (+ 2e-3), maps >= 0.99."""
     from cryoformer.train import load_checkpoint
 
     ckpt = out / "killed"
@@ -322,22 +347,23 @@ def check_kill_and_continue(env: Device, spec: Spec, out: Path, keep: dict) -> d
                             timeout=_time_left())
     if second.returncode != 0:
         return {"ok": False, "error": f"Continue failed ({second.returncode}): {second.stderr[-2000:]}"}
-    resumed = load_checkpoint(ckpt / "last.pt")
-    ref = load_checkpoint(out / "uninterrupted" / "last.pt")
-    diff = max(float((resumed["model"][k].float() - v.float()).abs().max()) for k, v in ref["model"].items())
-    rel_loss = float(np.max(np.abs(np.subtract(resumed["loss_history"], ref["loss_history"]))
-                            / np.abs(ref["loss_history"])))
-    from cryoformer.model import CryoFormer, ModelConfig
-
-    model = CryoFormer(ModelConfig(**resumed["model_config"])).to(env.device)
-    model.load_state_dict(resumed["model"])
-    idx = np.arange(min(4, spec.n))
-    c = per_map_corr(maps_at_particles(model, keep["data"], idx), maps_at_particles(keep["model"], keep["data"], idx))
-    tol = 1e-5 if env.dry_run else 2e-3  # CPU arithmetic repeats exactly; GPU atomics (tcnn, scatter-adds) do not
-    return {"ok": epoch_kept == 1 and "resumed" in second.stdout and rel_loss <= tol and c >= 0.999,
-            "checkpoint_epoch_after_kill": epoch_kept, "resumed_log": "resumed" in second.stdout,
-            "loss_history_max_rel_diff": rel_loss, "max_abs_param_diff": diff, "min_map_corr": c,
-            "criterion": f"loss histories within {tol} (relative), maps correlate >= 0.999"}
+    resumed = _compare_runs(ckpt, out / "uninterrupted", env.device, keep, spec.n)
+    r = {"checkpoint_epoch_after_kill": epoch_kept, "resumed_log": "resumed" in second.stdout, **resumed}
+    if env.dry_run:
+        ok = resumed["loss_history_max_rel_diff"] <= 1e-5 and resumed["min_map_corr"] >= 0.999
+        r["criterion"] = "CPU: loss histories within 1e-5 (relative), maps correlate >= 0.999"
+    else:
+        again = subprocess.run(_worker_cmd(spec, out / "again", False, None), capture_output=True, text=True,
+                               timeout=_time_left())
+        if again.returncode != 0:
+            return {"ok": False, "error": f"the second uninterrupted run failed: {again.stderr[-2000:]}", **r}
+        floor = _compare_runs(out / "again", out / "uninterrupted", env.device, keep, spec.n)
+        r["uninterrupted_twice"] = floor
+        tol = 3 * floor["loss_history_max_rel_diff"] + 2e-3
+        ok = resumed["loss_history_max_rel_diff"] <= tol and resumed["min_map_corr"] >= 0.99
+        r["criterion"] = f"loss histories within {tol:.4f} (3x two uninterrupted runs' + 2e-3), maps >= 0.99"
+    r["ok"] = ok and epoch_kept == 1 and r["resumed_log"]
+    return r
 
 
 def check_precision(env: Device, spec: Spec, out: Path, keep: dict) -> dict:
@@ -411,12 +437,13 @@ def check_host_syncs(env: Device, spec: Spec, out: Path) -> dict:
             "first_sites": sorted({str(w.message)[:160] + f" @ {Path(w.filename).name}:{w.lineno}" for w in syncs})[:5]}
 
 
-def _throughput_row(env: Device, box: int, tiny: bool, n_steps: int, warmup: int, out: Path) -> dict:
+def _throughput_row(env: Device, box: int, tiny: bool, n_steps: int, warmup: int, out: Path,
+                    compiled: bool = False) -> dict:
     """images/s of the steps after the first occupancy estimate (and two more steps, which build the new
     lattices and warm the kernels up): before it, the whole sphere is rendered at half the box."""
     batch = 8
     spec = Spec(box=box, n=warmup + batch * (n_steps + 3), epochs=1, tiny=tiny, deterministic=False,
-                occupancy_warmup=warmup)
+                occupancy_warmup=warmup, compile=compiled)
     marks: dict[str, Any] = {}
     logs: list[str] = []
 
@@ -432,14 +459,15 @@ def _throughput_row(env: Device, box: int, tiny: bool, n_steps: int, warmup: int
             env.reset_peak()
             marks["t"], marks["from"] = time.perf_counter(), step
 
-    run_training(spec, out / f"speed{box}", env.device, step_hook=hook, log=log)
+    run_training(spec, out / f"speed{box}{'c' if compiled else ''}", env.device, step_hook=hook, log=log)
     env.sync()
     if "t" not in marks:
         raise RuntimeError(f"box {box}: no occupancy estimate within the run; log: {logs[-3:]}")
     dt = time.perf_counter() - marks["t"]
     imgs = spec.n - (marks["from"] + 1) * batch
     frac = [m.split(": ", 1)[1].split(" ")[0] for m in logs if "occupancy grid estimated" in m]
-    return {"box": box, "batch": batch, "images_timed": imgs, "images_per_s": imgs / dt,
+    return {"box": box, "compiled_hash_grid": compiled, "batch": batch, "images_timed": imgs, "images_per_s": imgs / dt,
+            "compile_log": [m for m in logs if "compile" in m],
             "sphere_fraction_rendered": frac[0] if frac else None, "peak_gpu_GB_after_estimate": env.peak_gb()}
 
 
@@ -453,8 +481,15 @@ def check_throughput(env: Device, boxes: list[int], tiny: bool, n_steps: int, ou
             rows.append({"box": box, "error": "out of time"})
             break
         print(f"  throughput box {box}: {rows[-1]}", flush=True)
+    extra = {"compiled_box_64": None}
+    if not tiny and rows and "images_per_s" in rows[-1]:  # what torch.compile of the hash grid gives (opt-in)
+        try:
+            extra["compiled_box_64"] = _throughput_row(env, 64, tiny, n_steps, warmup, out, compiled=True)
+        except CheckTimeout:
+            extra["compiled_box_64"] = {"error": "out of time"}
+        print(f"  throughput box 64, compiled hash grid: {extra['compiled_box_64']}", flush=True)
     done = [r for r in rows if "images_per_s" in r]
-    return {"ok": len(done) == len(boxes) and all(r["images_per_s"] > 0 for r in done), "rows": rows,
+    return {"ok": len(done) == len(boxes) and all(r["images_per_s"] > 0 for r in done), "rows": rows, **extra,
             "note": "timed after the first occupancy estimate (the grid of a barely trained field: its rendered "
                     "fraction is printed), batch 8, the job's default model"}
 

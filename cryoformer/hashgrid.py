@@ -143,6 +143,52 @@ def _level_corners(xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tens
     return idx.view(8, P), w.reshape(8, P)
 
 
+class _CompiledCorners:
+    """:func:`_level_corners` through ``torch.compile`` (opt-in, CUDA only): its ~30 small integer and
+    float kernels per level fuse into a few, which matters where a training step is launch-bound (the torch
+    grid on a GPU without tinycudann). A compile or run failure is reported once through ``log`` and the
+    eager function is used from then on; nothing else changes (the same arithmetic, fp32 weights)."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.failed: str | None = None
+        self.log = print
+
+    def enable(self, log=print) -> None:
+        """Compile from the next call on (lazily: the first call compiles)."""
+        self.log, self.failed = log, None
+        if self.fn is None:
+            try:
+                import torch._dynamo as dynamo
+
+                # one compiled graph per level (their constants differ): keep all 16 and more, not 8
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dynamo.config, name):
+                        setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+                self.fn = torch.compile(_level_corners, dynamic=True)
+            except Exception as err:  # noqa: BLE001
+                self._fail(err)
+
+    def disable(self) -> None:
+        self.fn = None
+
+    def _fail(self, err: BaseException) -> None:
+        self.fn, self.failed = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.log(f"torch.compile of the hash grid failed ({self.failed[:200]}); running it eagerly")
+
+    def __call__(self, xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fn is not None and xt.is_cuda:
+            try:
+                return self.fn(xt, lv)
+            except Exception as err:  # noqa: BLE001 - any failure: eager from now on
+                self._fail(err)
+        return _level_corners(xt, lv)
+
+
+#: the level arithmetic the hash grid runs (see :class:`_CompiledCorners`)
+level_corners = _CompiledCorners()
+
+
 def _cpu_fast_paths(x: torch.Tensor) -> bool:
     """CPU-tuned bmm / complex64 scatter; the plain broadcast form is used elsewhere (and in a test)."""
     return x.device.type == "cpu"
@@ -175,7 +221,7 @@ class _HashGridFunction(torch.autograd.Function):
             keep = params.requires_grad and P * len(levels) * 8 * 12 <= _CACHE_BYTES
             cache = []
             for lv in levels:
-                idx, w = _level_corners(xt, lv)
+                idx, w = level_corners(xt, lv)
                 if keep:
                     cache.append((idx.to(torch.int32), w))
                 tab = table.narrow(0, lv["offset"], lv["size"])
@@ -209,7 +255,7 @@ class _HashGridFunction(torch.autograd.Function):
             xt = None if cache is not None else _positions_t(x, ctx.fma)
             for lv in ctx.levels:
                 # Recomputed unless cached: 16 levels x (8, P) indices would dominate memory at large P.
-                idx, w = cache[lv["level"]] if cache is not None else _level_corners(xt, lv)
+                idx, w = cache[lv["level"]] if cache is not None else level_corners(xt, lv)
                 l = lv["level"]
                 g = grad_out[:, l * F : (l + 1) * F]  # (P, F)
                 gl = gtab.narrow(0, lv["offset"], lv["size"])
@@ -482,7 +528,7 @@ def make_plan(grid: "HashGrid", x: torch.Tensor) -> HashGridPlan:
         xt = _positions_t(x.reshape(-1, 3).float(), grid.fma_emulation)
         rows, weights = [], []
         for lv in grid._levels:
-            idx, w = _level_corners(xt, lv)
+            idx, w = level_corners(xt, lv)
             rows.append((idx + lv["offset"]).t().to(torch.int32))
             weights.append(w.t())
         return HashGridPlan(torch.stack(rows).contiguous(), torch.stack(weights).contiguous())

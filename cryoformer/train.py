@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data import ParticleData
 from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
 from .distributed import current as _dist_current
+from .hashgrid import level_corners
 from .lattice import fourier_crop
 from .memory import invalidate_budget
 from .model import CryoFormer, ModelConfig
@@ -77,6 +78,9 @@ class TrainConfig(BaseModel):
     occupancy_refresh: int = Field(10000, ge=1, description="images between estimates of the occupancy grid")
     occupancy_latents: int = Field(64, ge=1, description="particles whose latents the occupancy grid covers")
     coarse_epochs: int = Field(0, ge=0, description="first epochs rendered and compared at half the training box")
+    compile: bool = Field(
+        False, description="CUDA: the torch hash grid's per-level arithmetic through torch.compile (fewer kernel "
+        "launches; the first steps compile); a failure is logged once and the grid runs eagerly")
     sync_every: int = Field(
         16, ge=1, description="steps between the step loop's host synchronisations: the non-finite loss check and, "
         "with several ranks, the all-reduced abort poll (at the same steps on every rank)")
@@ -291,6 +295,15 @@ def latent_noise(ctx, batch_len: int, zdim: int, device: torch.device) -> torch.
     return full if ctx is None else ctx.own_rows(full)
 
 
+def use_compile(on: bool, log: Callable[[str], None]) -> None:
+    """Turn the compiled hash-grid arithmetic on (logged) or off for this process's training."""
+    if on:
+        level_corners.enable(log)
+        log("hash grid level arithmetic through torch.compile (the first steps compile)")
+    else:
+        level_corners.disable()
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -348,6 +361,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     kl_w = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2)
     amp_dtype = autocast_dtype(device, cfg.amp)
+    use_compile(cfg.compile and device.type == "cuda", log)
     log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}, "
         + precision_note(device, cfg.amp) + ", " + model.grid.backend_note(device)

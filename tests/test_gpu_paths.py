@@ -755,3 +755,53 @@ def test_srun_tasks_without_torchrun_are_refused_with_the_launch_to_use():
     # the batch script itself (an allocation of 4 tasks, no srun step) and a one-task srun step run as one job
     assert job_plan(JobConfig(), {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}).mode == "single"
     assert job_plan(JobConfig(), {**srun, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}).mode == "single"
+
+
+# ------------------------------------------------------------------- torch.compile of the hash grid
+def test_compiled_hash_grid_is_used_on_cuda_and_falls_back_once_when_compiling_fails(monkeypatch):
+    """The compiled level arithmetic replaces the eager one only for CUDA tensors (stood in for by patching
+    ``is_cuda``); a compile failure is logged once and the encoding stays the eager one's."""
+    import cryoformer.hashgrid as hg
+
+    x = torch.rand(300, 3)
+    grid = hg.HashGrid(n_levels=4, log2_table_size=8, base_resolution=4, backend="torch")
+    eager = grid(x)
+    calls, lines = [], []
+
+    def fake_compile(fn, **kw):
+        def compiled(xt, lv):
+            calls.append(lv["level"])
+            if broken:
+                raise RuntimeError("inductor: no C++ compiler\nlong traceback")
+            return fn(xt, lv)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    corners = hg._CompiledCorners()
+    monkeypatch.setattr(hg, "level_corners", corners)
+    broken = False
+    corners.enable(lines.append)
+    assert torch.equal(grid(x), eager) and calls == [0, 1, 2, 3]
+    broken = True
+    corners.disable()
+    corners.enable(lines.append)
+    calls.clear()
+    assert torch.equal(grid(x), eager) and torch.equal(grid(x), eager)
+    assert calls == [0]                         # tried once, then eager
+    assert lines == ["torch.compile of the hash grid failed (RuntimeError: inductor: no C++ compiler); running it eagerly"]
+
+
+def test_training_compiles_only_on_cuda(monkeypatch, tmp_path):
+    import cryoformer.train as tr
+
+    asked = []
+    monkeypatch.setattr(tr.level_corners, "enable", lambda log=print: asked.append("on"))
+    monkeypatch.setattr(tr.level_corners, "disable", lambda: asked.append("off"))
+    lines = []
+    train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, batch_size=8, prefetch=0, compile=True), tmp_path,
+          log=lines.append)
+    assert asked == ["off"] and not any("torch.compile" in m for m in lines)   # CPU: eager
+    asked.clear()
+    tr.use_compile(True, lines.append)
+    assert asked == ["on"] and "through torch.compile" in lines[-1]
