@@ -1,20 +1,28 @@
-"""Every GPU path end to end, in a few minutes on one GPU (well under 10): writes one JSON results file.
+"""Every GPU path end to end, in about 3 minutes on one GPU (a 330 s budget): writes one JSON results file.
 
-Checks, in order (each records its numbers, ``ok`` and, if it could not run, why):
+Checks, in order (each records its numbers and its status: ``ok``, ``failed``, or ``skipped`` with why):
 
-* ``hashgrid``: the tcnn and torch hash grids give the same encoding and table gradient (fp32);
-* ``train``: a 2-epoch training run of the job's default model (finite, decreasing loss);
+* ``hashgrid``: the tcnn and torch hash grids give the same encoding and table gradient (fp32); skipped
+  when tinycudann does not run on this GPU (the reason is printed);
+* ``train``: a 2-epoch training run of the job's default model: finite, and the loss falls between the
+  first and the last steps rendered at the training box (the occupancy warm-up renders at half the box);
 * ``kill_and_continue``: a run killed (SIGKILL) in epoch 2, then rerun in the same folder (RELION's
-  Continue), ends with the model of the uninterrupted ``train`` run;
+  Continue), ends with the model of the uninterrupted ``train`` run (exactly on the CPU; on a GPU within
+  the spread of a second uninterrupted run);
 * ``precision``: bf16 against fp32: the same weights' map evaluated under bf16 autocast and in fp32,
   and maps of a bf16-trained and an fp32-trained model (correlation >= 0.99), each against the truth;
-* ``host_syncs``: the step loop waits for the GPU only every ``sync_every`` steps
-  (``torch.cuda.set_sync_debug_mode``);
-* ``throughput``: training images/s and peak GPU memory at box 64 and 128 (default model, batch 8);
-* ``ddp``: two GPUs through the job's launcher (NCCL) equal the one-GPU ``train`` run, when two are visible.
+* ``host_syncs``: with the occupancy grid on, the step loop waits for the GPU only every ``sync_every``
+  steps and where the grid is estimated (``torch.cuda.set_sync_debug_mode``);
+* ``throughput``: training images/s and peak GPU memory at box 64, 128 and 256 (default model, batch 8),
+  timed after the first occupancy estimate, with the fraction of the sphere rendered; and box 64 with the
+  hash grid through ``torch.compile``;
+* ``ddp``: two GPUs through the job's launcher (NCCL) equal the one-GPU ``train`` run; skipped on one GPU.
 
-    python bench/gpu_check.py                    # on a GPU machine -> bench/results/gpu_check.json
-    python bench/gpu_check.py --cpu-dry-run      # here: the same code on the CPU at a tiny size
+Each check has a time limit (``LIMITS_GPU``) and all share the budget (``--budget-s``): a check that hangs
+fails with "out of time" and the next one runs. Needs only torch, numpy, pydantic and this repository.
+
+    python bench/gpu_check.py --out gpu_check.json   # on a GPU machine (default bench/results/gpu_check.json)
+    python bench/gpu_check.py --cpu-dry-run          # here: the same code on the CPU at a tiny size
 
 ``--cpu-dry-run`` runs every check on the CPU with a tiny model, CUDA-only calls stubbed
 (synchronize, memory statistics, sync debug mode) and the trainer's precision rule redirected to
