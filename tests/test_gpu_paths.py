@@ -805,3 +805,27 @@ def test_training_compiles_only_on_cuda(monkeypatch, tmp_path):
     asked.clear()
     tr.use_compile(True, lines.append)
     assert asked == ["on"] and "through torch.compile" in lines[-1]
+
+
+def test_fused_adam_state_moves_to_the_unfused_optimiser_and_steps_alike():
+    """A checkpoint of a GPU run (fused Adam) continues on a CPU (unfused) and the reverse: the same next
+    step from the same state (the fused kernel on the CPU stands in for CUDA's)."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(50))
+    fused = torch.optim.Adam([p], lr=1e-2, betas=(0.9, 0.99), eps=1e-15, fused=True)
+    for _ in range(3):
+        p.grad = torch.randn(50)
+        fused.step()
+    state = fused.state_dict()
+    grad = torch.randn(50)
+    after = []
+    for options in ({}, {"fused": True}):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt = torch.optim.Adam([q], lr=1e-2, betas=(0.9, 0.99), eps=1e-15, **options)
+        opt.load_state_dict(copy.deepcopy(state))
+        q.grad = grad.clone()
+        opt.step()
+        after.append(q.detach())
+    assert not torch.equal(after[0], p.detach())
+    assert torch.allclose(after[0], after[1], rtol=0, atol=1e-7)
