@@ -133,6 +133,8 @@ def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_
     import cryoformer_ext.job as job_mod
 
     def hold(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 1):
+            log("a step after the abort request ran")
         if (epoch, step) != (1, 0):
             return
         log("holding epoch 2 until the abort request is seen")
@@ -162,7 +164,7 @@ def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
         m.setattr(job_mod, "_run_job", _run_job_holding_epoch_2)
         with pytest.raises(JobAborted, match="aborted during epoch 2"):
             run_job(data, cfg, tmp_path, log=logs.append, should_abort=lambda: any("epoch 1 done" in m for m in logs))
-    assert not any("epoch 2 done" in m for m in logs)
+    assert not any("a step after the abort request ran" in m or "epoch 2 done" in m for m in logs), logs
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
     logs.clear()
     result = run_job(data, cfg, tmp_path, log=logs.append)
@@ -171,6 +173,30 @@ def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
     single = Reconstruction.load(tmp_path / "checkpoints").encode(data)
     np.testing.assert_allclose(result.latents, single, atol=1e-6)
     np.testing.assert_array_equal(np.load(result.latents_file), result.latents)
+
+
+class _FakeGroup:
+    """Stands in for a DistContext: ``any`` is the all-reduce of the ranks' flags (here: one rank's)."""
+
+    def __init__(self, device: str):
+        self.device, self.reduces = torch.device(device), 0
+
+    def any(self, flag: bool) -> bool:
+        self.reduces += 1
+        return flag
+
+
+def test_abort_poll_steps_per_device():
+    """CPU ranks all-reduce the request at every step (an Abort stops them within one step); GPU ranks only
+    at the host synchronisations, where reading the flag does not stall the device; one process: every step."""
+    from cryoformer.train import abort_polled
+
+    cpu, gpu = _FakeGroup("cpu"), _FakeGroup("cuda")
+    assert [abort_polled(cpu, s, 16, lambda: True) for s in range(20)] == [True] * 20
+    assert [abort_polled(gpu, s, 16, lambda: True) for s in range(20)] == [s % 16 == 0 for s in range(20)]
+    assert (cpu.reduces, gpu.reduces) == (20, 2)
+    assert not any(abort_polled(cpu, s, 16, lambda: False) for s in range(5))
+    assert [abort_polled(None, s, 16, lambda: True) for s in range(3)] == [True] * 3
 
 
 def test_job_plan():
