@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data import ParticleData
 from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
+from .distributed import DistContext
 from .distributed import current as _dist_current
 from .hashgrid import level_corners
 from .lattice import fourier_crop
@@ -83,7 +84,7 @@ class TrainConfig(BaseModel):
         "launches; the first steps compile); a failure is logged once and the grid runs eagerly")
     sync_every: int = Field(
         16, ge=1, description="steps between the step loop's host synchronisations: the non-finite loss check and, "
-        "with several ranks, the all-reduced abort poll (at the same steps on every rank)")
+        "with several GPU ranks, the all-reduced abort poll (CPU ranks poll at every step)")
 
 
 class BatchReader:
@@ -304,6 +305,21 @@ def use_compile(on: bool, log: Callable[[str], None]) -> None:
         level_corners.disable()
 
 
+def abort_polled(ctx: DistContext | None, step: int, sync_every: int, should_abort: Callable[[], bool]) -> bool:
+    """The abort poll at the start of every step (and so of every epoch).
+
+    Several ranks must stop at the same step (one that stopped alone would leave the others waiting in
+    DDP's all-reduce), so their requests are all-reduced. On CPU ranks (gloo) that costs microseconds and
+    happens at every step: an Abort stops every rank within one step. On GPUs reading the reduced flag
+    waits for the device, so it happens at the step loop's host synchronisations (every ``sync_every``
+    steps, well under a second of GPU work)."""
+    if ctx is None:
+        return should_abort()
+    if ctx.device.type == "cpu" or step % sync_every == 0:
+        return ctx.any(should_abort())
+    return False
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -319,7 +335,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     DDP, only rank 0 logs and writes the checkpoint, and the result equals a single process's.
 
     The step loop does not wait for the GPU: losses are summed on the device and read (with the
-    non-finite check and, with several ranks, the abort poll) only every ``cfg.sync_every`` steps, at
+    non-finite check and, with several GPU ranks, the abort poll) only every ``cfg.sync_every`` steps, at
     log lines and at the end of each epoch.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -387,10 +403,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
             chunks = [c[rows] for c, (rows, _) in zip(global_batches, shares)]
         batches = iterate_batches(reader, order, cfg.batch_size, cfg.prefetch, chunks, device)
         for step, batch in enumerate(batches):
-            if ctx is None:
-                if should_abort():
-                    raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
-            elif step % cfg.sync_every == 0 and ctx.any(should_abort()):  # the same steps on every rank
+            if abort_polled(ctx, step, cfg.sync_every, should_abort):
                 raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             set_learning_rates(opt, lr_factor(cfg, (epoch + step / steps_per_epoch) / cfg.epochs))

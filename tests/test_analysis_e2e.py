@@ -5,6 +5,8 @@ with a known conformation coordinate ``t`` per particle. After training through 
 analysis must find that motion: PC1 of the latents follows ``t``, the PC1 map series changes density
 where the true moving domain is (not on the static body), the flexibility map is highest there, every
 plot is a real image, and ``cryoformer analyze`` on the finished job gives the same k-means labels.
+2,000 particles is the smallest set tried that learns the motion: with 1,000 (same epochs) |Spearman(PC1, t)|
+was 0.40 and the PC1 series changed the moving domain no more than the static body.
 """
 
 from __future__ import annotations

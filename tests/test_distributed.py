@@ -120,24 +120,83 @@ def test_killed_rank_fails_cleanly_and_rerun_resumes(reference, tmp_path):
     _assert_same_model(state, ref_state, hist, ref_hist)
 
 
-def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path):
-    """The job layer end to end: spawn from ``ranks``, abort via the host's check, continue (2 ranks again)."""
+HOLD_S = 120.0  # the longest a held rank waits for the abort request before the test fails
+
+
+def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_abort):
+    """A worker's job (replaces ``cryoformer_ext.job._run_job`` in the launcher; the spawned workers import
+    this module): each rank holds the first step of epoch 2 until it sees the abort request, so the request
+    always arrives during epoch 2, whatever the machine's speed. The abort must then stop both ranks at the
+    next step's poll, before epoch 2 ends."""
+    import functools
+
+    import cryoformer_ext.job as job_mod
+
+    def hold(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 1):
+            log("a step after the abort request ran")
+        if (epoch, step) != (1, 0):
+            return
+        log("holding epoch 2 until the abort request is seen")
+        deadline = time.monotonic() + HOLD_S
+        while not should_abort():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no abort request within {HOLD_S} s")
+            time.sleep(0.01)
+
+    job_mod.train = functools.partial(job_mod.train, step_hook=hold)
+    return job_mod._run_job(data, config, out_dir, device=device, log=log, should_abort=should_abort)
+
+
+def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
+    """The job layer end to end: spawn from ``ranks``, abort via the host's check, continue (2 ranks again).
+
+    The host asks to abort once epoch 1 is logged as done; the workers hold epoch 2 until they see it
+    (above), so the abort arrives at a defined point and must stop both ranks within epoch 2."""
+    import cryoformer_ext.job as job_mod
     from cryoformer_ext.job import JobAborted, run_job
 
     data = _data()
     cfg = JobConfig(epochs=2, zdim=2, train_box=16, tokens=8, channels=16, enc_layers=2, enc_dim=32, batch_size=6,
                     kmeans=2, pcs=1, pc_steps=2, map_box=16, ranks=2, threads=2)
     logs: list[str] = []
-    with pytest.raises(JobAborted):
-        run_job(data, cfg, tmp_path, log=logs.append, should_abort=lambda: any("epoch 1 done" in m for m in logs))
+    with monkeypatch.context() as m:
+        m.setattr(job_mod, "_run_job", _run_job_holding_epoch_2)
+        with pytest.raises(JobAborted, match="aborted during epoch 2"):
+            run_job(data, cfg, tmp_path, log=logs.append, should_abort=lambda: any("epoch 1 done" in m for m in logs))
+    assert not any("a step after the abort request ran" in m or "epoch 2 done" in m for m in logs), logs
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
     logs.clear()
     result = run_job(data, cfg, tmp_path, log=logs.append)
-    assert any("resumed" in m for m in logs) and any("2 ranks" in m for m in logs)
+    assert any("resumed" in m and "after epoch 1" in m for m in logs) and any("2 ranks" in m for m in logs)
     assert result.latents.shape == (N, 2) and len(result.labels) == N
     single = Reconstruction.load(tmp_path / "checkpoints").encode(data)
     np.testing.assert_allclose(result.latents, single, atol=1e-6)
     np.testing.assert_array_equal(np.load(result.latents_file), result.latents)
+
+
+class _FakeGroup:
+    """Stands in for a DistContext: ``any`` is the all-reduce of the ranks' flags (here: one rank's)."""
+
+    def __init__(self, device: str):
+        self.device, self.reduces = torch.device(device), 0
+
+    def any(self, flag: bool) -> bool:
+        self.reduces += 1
+        return flag
+
+
+def test_abort_poll_steps_per_device():
+    """CPU ranks all-reduce the request at every step (an Abort stops them within one step); GPU ranks only
+    at the host synchronisations, where reading the flag does not stall the device; one process: every step."""
+    from cryoformer.train import abort_polled
+
+    cpu, gpu = _FakeGroup("cpu"), _FakeGroup("cuda")
+    assert [abort_polled(cpu, s, 16, lambda: True) for s in range(20)] == [True] * 20
+    assert [abort_polled(gpu, s, 16, lambda: True) for s in range(20)] == [s % 16 == 0 for s in range(20)]
+    assert (cpu.reduces, gpu.reduces) == (20, 2)
+    assert not any(abort_polled(cpu, s, 16, lambda: False) for s in range(5))
+    assert [abort_polled(None, s, 16, lambda: True) for s in range(3)] == [True] * 3
 
 
 def test_job_plan():

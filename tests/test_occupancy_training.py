@@ -3,7 +3,8 @@
 A model trained on the whole sphere (no grid) shows where the field puts density by itself: the grid the
 estimator makes from that model must keep all of it (the field is small in the cells it leaves empty).
 A model trained with the grid (the default) must recover the conformations at least as well, and its final
-grid must hold all of the true molecule's density.
+grid must hold all of the true molecule's density. 1,000 particles is the smallest set tried: with 600 (same
+epochs) the worst conformation's map correlation with the grid was 0.8998, under the 0.9 required.
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""Every failure ends with a clear message and the right exit status (issue 13, points 1-10).
+"""Every failure ends with a clear message and the right exit status.
 
-Each test names the point it covers. Real jobs run on a tiny simulated dataset (box 16, 32 particles,
+Each test is named for the failure it covers. Real jobs run on a tiny simulated dataset (box 16, 32 particles,
 1 epoch, small model); the RELION adapter's own behaviour is checked with the fake ``run_job`` of
 test_relion_cli.py. Disk full is a real (small) tmpfs where this machine lets the test mount one, and an
 injected ``OSError(ENOSPC)`` everywhere else.
@@ -89,10 +89,10 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-# ---- 1. disk full ----------------------------------------------------------------------------------------
+# ---- disk full ----------------------------------------------------------------------------------------
 
 
-def test_1_checkpoint_on_full_disk_injected(tmp_path, monkeypatch):
+def test_checkpoint_on_full_disk_injected(tmp_path, monkeypatch):
     real_save = torch.save
 
     def full_disk_save(obj, f, *a, **k):
@@ -116,7 +116,7 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def test_1_checkpoint_on_full_tmpfs(tmpfs):
+def test_checkpoint_on_full_tmpfs(tmpfs):
     (tmpfs / "filler").write_bytes(b"\0" * (_free_bytes(tmpfs) - 64 * 1024))  # 64 KiB left
     free = _free_bytes(tmpfs)
     mcfg, tcfg = _cfgs()
@@ -126,8 +126,8 @@ def test_1_checkpoint_on_full_tmpfs(tmpfs):
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"] and _free_bytes(tmpfs) == free  # tmp removed
 
 
-def test_1_relion_job_on_full_disk_writes_failure(tmpfs):
-    """The issue's case: run.out/run.err inside --o on a disk too small for the checkpoint."""
+def test_relion_job_on_full_disk_writes_failure(tmpfs):
+    """run.out/run.err inside --o on a disk too small for the checkpoint: the failure still gets an exit file."""
     part = sim_project(tmpfs)
     out = tmpfs / "External" / "job001"
     out.mkdir(parents=True)
@@ -141,7 +141,7 @@ def test_1_relion_job_on_full_disk_writes_failure(tmpfs):
     assert not list((out / "checkpoints").glob(".*.tmp"))
 
 
-def test_1_exit_file_even_when_the_log_cannot_be_written(project):
+def test_exit_file_even_when_the_log_cannot_be_written(project):
     """stdout/stderr on a full disk (/dev/full): RELION must still get its exit file."""
     (project / "relion31.mrcs").unlink()  # the job fails: missing stack
     with open("/dev/full", "w") as full:
@@ -149,10 +149,10 @@ def test_1_exit_file_even_when_the_log_cannot_be_written(project):
     assert rc != 0 and exit_files(project / "External" / "job002") == [nodes.EXIT_FAILURE]
 
 
-# ---- 2. abort -----------------------------------------------------------------------------------------------
+# ---- abort -----------------------------------------------------------------------------------------------
 
 
-def test_2_abort_during_the_analysis(sim):
+def test_abort_during_the_analysis(sim):
     logs: list[str] = []
     cfg = JobConfig.from_strings({**TINY, "zdim": "2"})
     with pytest.raises(JobAborted, match="during the analysis"):
@@ -163,7 +163,7 @@ def test_2_abort_during_the_analysis(sim):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_2_abort_pressed_before_the_start_is_honoured(project, monkeypatch, capsys):
+def test_abort_pressed_before_the_start_is_honoured(project, monkeypatch, capsys):
     calls = install_fake_job(monkeypatch)
     out = project / "External" / "job003"
     out.mkdir(parents=True)
@@ -174,11 +174,11 @@ def test_2_abort_pressed_before_the_start_is_honoured(project, monkeypatch, caps
     assert "Abort was pressed before the job started" in capsys.readouterr().out
 
 
-# ---- 3. additional arguments -------------------------------------------------------------------------------
+# ---- additional arguments -------------------------------------------------------------------------------
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_3_additional_arguments_after_j(project, monkeypatch, capsys):
+def test_additional_arguments_after_j(project, monkeypatch, capsys):
     opts, stray = cli.parse_argv(["--o", "External/job004/", "--j", "4", "extra", "--zdim", "2"])
     assert opts == {"o": "External/job004/", "j": "4", "zdim": "2"} and stray == ["extra"]
     calls = install_fake_job(monkeypatch, zdim=2)
@@ -188,11 +188,11 @@ def test_3_additional_arguments_after_j(project, monkeypatch, capsys):
     assert "WARNING: ignoring stray arguments extra" in capsys.readouterr().out
 
 
-# ---- 4. node names under a symlinked folder ---------------------------------------------------------------
+# ---- node names under a symlinked folder ---------------------------------------------------------------
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_4_node_names_with_external_on_a_scratch_disk(project, monkeypatch, tmp_path_factory):
+def test_node_names_with_external_on_a_scratch_disk(project, monkeypatch, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("scratch")
     (scratch / "External").mkdir()
     (project / "External").symlink_to(scratch / "External")
@@ -203,7 +203,7 @@ def test_4_node_names_with_external_on_a_scratch_disk(project, monkeypatch, tmp_
                      "External/job005/kmeans/class_001.mrc", "External/job005/kmeans/class_002.mrc"]
 
 
-# ---- 5. RELION 5 tomography particles -------------------------------------------------------------------------
+# ---- RELION 5 tomography particles -------------------------------------------------------------------------
 
 OPTICS = """
 # version 50001
@@ -245,7 +245,7 @@ GENERAL = "\n# version 50001\n\ndata_general\n\n_rlnTomoSubTomosAre2DStacks     
                                              extra_values=""),
      "rlnImageDimensionality 3 in data_optics"),
 ])
-def test_5_tomography_particles_get_one_clear_message(tmp_path, text, marker):
+def test_tomography_particles_get_one_clear_message(tmp_path, text, marker):
     (tmp_path / "particles.star").write_text(text)
     with pytest.raises(StarFileError) as e:
         read_particles_star(tmp_path / "particles.star", root=tmp_path)
@@ -254,7 +254,7 @@ def test_5_tomography_particles_get_one_clear_message(tmp_path, text, marker):
                             "NNNNNN@stack.mrcs)")
 
 
-# ---- 6. Continue refuses a changed model --------------------------------------------------------------------
+# ---- Continue refuses a changed model --------------------------------------------------------------------
 
 MODEL_TINY = {**TINY, "zdim": "2", "train_box": "16", "epochs": "1", "pcs": "0", "kmeans": "1"}
 
@@ -273,7 +273,7 @@ def trained_job(tmp_path_factory) -> tuple[Path, Path]:
     ("enc_layers", "3", "2"), ("enc_dim", "16", "32"), ("hash_scale", "1.5", "None"), ("poses", "refine", "given"),
     ("train_box", "20", "16"),
 ])
-def test_6_continue_refuses_a_changed_model(trained_job, tmp_path, param, value, old):
+def test_continue_refuses_a_changed_model(trained_job, tmp_path, param, value, old):
     root, job = trained_job
     work = tmp_path / "job"
     shutil.copytree(job, work)
@@ -287,7 +287,7 @@ def test_6_continue_refuses_a_changed_model(trained_job, tmp_path, param, value,
     assert (work / "job_config.json").read_text() == before  # the refused settings were not recorded
 
 
-def test_6_continue_accepts_other_parameters(trained_job, tmp_path):
+def test_continue_accepts_other_parameters(trained_job, tmp_path):
     root, job = trained_job
     shutil.copytree(job, tmp_path / "job")
     logs: list[str] = []
@@ -297,10 +297,10 @@ def test_6_continue_accepts_other_parameters(trained_job, tmp_path):
     assert any("resumed from" in m and "after epoch 1/2" in m for m in logs) and res.latents.shape == (24, 2)
 
 
-# ---- 7. messages instead of tracebacks ---------------------------------------------------------------------
+# ---- messages instead of tracebacks ---------------------------------------------------------------------
 
 
-def test_7_cli_nan_image_named_when_read(sim, capsys):
+def test_cli_names_the_particle_with_a_nan_image(sim, capsys):
     with mrcfile.open(sim / "Sim" / "particles.mrcs", mode="r+") as m:
         m.data[2, 5, 5] = np.nan
     line = next(i for i, t in enumerate((sim / "Sim" / "particles.star").read_text().splitlines(), 1)
@@ -312,7 +312,7 @@ def test_7_cli_nan_image_named_when_read(sim, capsys):
             "or infinite pixel values") in err, err
 
 
-def test_7_cli_unwritable_out(sim, monkeypatch, capsys):
+def test_cli_unwritable_output_folder_is_a_permission_message(sim, monkeypatch, capsys):
     real_mkdir = Path.mkdir
     blocked = sim / "locked"
 
@@ -327,7 +327,7 @@ def test_7_cli_unwritable_out(sim, monkeypatch, capsys):
     assert rc == 2 and err.startswith(f"cryoformer train: error: permission denied ({blocked / 'out'})"), err
 
 
-def test_7_cli_ctrl_c(sim, monkeypatch, capsys):
+def test_cli_ctrl_c_exits_130_with_a_message(sim, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
@@ -343,7 +343,7 @@ def test_7_cli_ctrl_c(sim, monkeypatch, capsys):
     (PermissionError(errno.EACCES, "Permission denied", "External/job006/x.mrc"), "permission denied (External/job006/x.mrc)"),
     (OSError(errno.ENOSPC, "No space left on device", "External/job006/x.mrc"), "no space left on device while writing External/job006/x.mrc"),
 ])
-def test_7_relion_mode_failures_are_messages(project, monkeypatch, capsys, error, expect):
+def test_relion_mode_failures_are_messages(project, monkeypatch, capsys, error, expect):
     mod = type(sys)("cryoformer_ext.job")
 
     def run_job(*a, **k):
@@ -357,7 +357,7 @@ def test_7_relion_mode_failures_are_messages(project, monkeypatch, capsys, error
     assert err.startswith(expect) and "Traceback" not in err, err
 
 
-def test_7_relion_mode_corrupt_checkpoint(sim, capsys):
+def test_relion_mode_corrupt_checkpoint_is_a_message(sim, capsys):
     ck = sim / "External" / "job007" / "checkpoints" / CHECKPOINT_NAME
     ck.parent.mkdir(parents=True)
     ck.write_bytes(b"not a checkpoint")
@@ -368,7 +368,7 @@ def test_7_relion_mode_corrupt_checkpoint(sim, capsys):
         "delete it to train from the start" in err and "Traceback" not in err, err
 
 
-def test_7_cs_nan_defocus_named_when_read(tmp_path):
+def test_cs_nan_defocus_is_named_when_read(tmp_path):
     proj, cs_file = project_copy(tmp_path)
     d = Dataset.load(cs_file)
     d["ctf/df1_A"][3] = np.nan
@@ -377,11 +377,11 @@ def test_7_cs_nan_defocus_named_when_read(tmp_path):
         cs_io.particles_from_dataset(d, proj, source="J24_particles.cs")
 
 
-# ---- 8. file modes --------------------------------------------------------------------------------------------
+# ---- file modes --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664)])
-def test_8_outputs_get_the_umask_mode(tmp_path, mask, mode):
+def test_outputs_get_the_umask_mode(tmp_path, mask, mode):
     old = os.umask(mask)
     try:
         files = [atomic_write_text(tmp_path / "particles.star", "x"), save_npy(tmp_path / "z.npy", np.zeros(2)),
@@ -393,10 +393,10 @@ def test_8_outputs_get_the_umask_mode(tmp_path, mask, mode):
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: oct(mode) for f in files}
 
 
-# ---- 9. one behaviour in every entry point ------------------------------------------------------------------
+# ---- one behaviour in every entry point ------------------------------------------------------------------
 
 
-def test_9_no_ctf_is_refused_the_same_way_everywhere(tmp_path, monkeypatch, capsys):
+def test_no_ctf_is_refused_the_same_way_everywhere(tmp_path, monkeypatch, capsys):
     part = sim_project(tmp_path, with_ctf=False)
     monkeypatch.chdir(tmp_path)
     hint = "set the job parameter ctf = no"
@@ -420,7 +420,7 @@ def test_9_no_ctf_is_refused_the_same_way_everywhere(tmp_path, monkeypatch, caps
         run_job(read_particles_star(part, require_ctf=False).data, JobConfig(), tmp_path / "job")
 
 
-def test_9_cli_ctf_no_and_predicted_poses(tmp_path, monkeypatch, capsys):
+def test_cli_ctf_no_and_predicted_poses(tmp_path, monkeypatch, capsys):
     """CTF-free, pose-free particles through `cryoformer train`: the warning, and the predicted poses written."""
     part = sim_project(tmp_path, with_ctf=False, poses=False)
     monkeypatch.chdir(tmp_path)
@@ -436,7 +436,7 @@ def test_9_cli_ctf_no_and_predicted_poses(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_9_failed_continue_leaves_no_earlier_results(project, monkeypatch):
+def test_failed_continue_leaves_no_earlier_results(project, monkeypatch):
     install_fake_job(monkeypatch)
     out = project / "External" / "job009"
     assert cli.main(["--o", "External/job009/", "--in_parts", "Import/particles.star"]) == 0
@@ -446,11 +446,11 @@ def test_9_failed_continue_leaves_no_earlier_results(project, monkeypatch):
     assert not (out / "particles.star").exists() and not (out / nodes.OUTPUT_NODES).exists()
 
 
-# ---- 10. cryoSPARC offline: stacks of exported particles ----------------------------------------------------
+# ---- cryoSPARC offline: stacks of exported particles ----------------------------------------------------
 
 
 @pytest.mark.parametrize("stack_in", ["project", "export"])
-def test_10_offline_output_points_at_the_stacks(tmp_path, stack_in):
+def test_offline_cryosparc_output_points_at_the_stacks(tmp_path, stack_in):
     """Exported ('>') blob paths are relative to the input .cs's folder; the output must still find the stacks."""
     proj = tmp_path / "P12"
     export = tmp_path / "export"

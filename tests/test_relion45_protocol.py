@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,28 @@ echo "waiting in the queue"
 i=0
 while [ ! -e "$2RELION_JOB_ABORT_NOW" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 exec {exe} "$@"
+"""
+
+# The External job's program, holding the first step of epoch 2 (of a run that started at epoch 1) until
+# the Abort button's file exists: the abort then always arrives during training, at a defined step, however
+# fast the machine runs the tiny job; a Continue (which resumes after epoch 1) is not held.
+HELD = """#!{python}
+import functools, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import cryoformer_ext.job as job
+from relion_external import nodes
+from relion_external.cli import main
+out = Path(sys.argv[sys.argv.index("--o") + 1])
+seen = set()
+def hold(epoch, step):
+    seen.add(epoch)
+    if (epoch, step) == (1, 0) and 0 in seen:
+        t0 = time.monotonic()
+        while not (out / nodes.ABORT_NOW).exists() and time.monotonic() - t0 < {timeout}:
+            time.sleep(0.05)
+job.train = functools.partial(job.train, step_hook=hold)
+sys.exit(main())
 """
 
 
@@ -104,6 +127,9 @@ def project(request, dataset, tmp_path_factory) -> Project:
     queued = d / "bin" / "queued"
     queued.write_text(QUEUE.format(exe=relion_exe(d / "bin")))
     queued.chmod(0o755)
+    held = d / "bin" / "held"
+    held.write_text(HELD.format(python=sys.executable, repo=str(REPO), timeout=TIMEOUT))
+    held.chmod(0o755)
     (d / "default_pipeline.star").write_text(
         f"\n# version {STAR_VERSION[v]}\n\ndata_pipeline_general\n\n_rlnPipeLineJobCounter                       1\n\n")
     return Project(v, d)
@@ -180,7 +206,9 @@ def test_missing_stack_fails(project):
 
 
 def test_abort_during_training_then_continue(project):
-    job = project.add("Sim/particles.star", {**PARAMS, "epochs": "3", "batch_size": "8", "pcs": "0"})
+    """Abort pressed once epoch 1 is done: the program holds epoch 2 until it sees the request (bin/held), so
+    training stops in epoch 2 and Continue resumes after epoch 1."""
+    job = project.add("Sim/particles.star", {**PARAMS, "epochs": "3", "batch_size": "8", "pcs": "0"}, exe="held")
     jd = project.path / job
     proc = project.start(job)
     try:
@@ -193,12 +221,13 @@ def test_abort_during_training_then_continue(project):
     assert project.status(job) == "Aborted", project.log(job, "run.err")
     assert (jd / nodes.EXIT_ABORTED).exists() and not (jd / "particles.star").exists()
     first = len(project.log(job))
+    assert "epoch 2 done" not in project.log(job)  # stopped during epoch 2: within a step of the request
 
     project.run(job)  # Continue: RELION removes the abort request and runs the same command again
     assert project.status(job) == "Succeeded", project.log(job, "run.err")
     second = project.log(job)[first:]
     m = re.search(r"resumed from \S+ after epoch (\d)/3", second)
-    assert m and int(m.group(1)) >= 1, second
+    assert m and int(m.group(1)) == 1, second
     assert all(int(e) > int(m.group(1)) for e in re.findall(r"\bepoch (\d) done", second)), second
     pnodes = project.pipeline()["pipeline_nodes"]
     assert f"{job}particles.star" in set(pnodes["rlnPipeLineNodeName"])
