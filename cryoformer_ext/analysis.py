@@ -16,7 +16,12 @@
   ``n_flex`` particles drawn at random: high where the structure moves or is partly occupied,
 * ``attention_argmax.mrc`` / ``attention_maxweight.mrc`` - which structure query (0-based token index)
   the decoder's point attention assigns each voxel to at the consensus latent, and with what weight,
-* a UMAP embedding (``umap.npy``) when umap-learn is installed and zdim >= 3,
+* ``solvent_mask.mrc`` - a soft solvent mask (RELION's ``relion_mask_create`` rule,
+  :mod:`cryoformer_ext.solvent_mask`) of the voxel-wise maximum over the consensus and k-means maps, so
+  that no state is cut; it is the mask the next RELION or cryoSPARC job takes,
+* ``occupancy_mask.mrc`` - the model's occupancy grid (where it renders density at all; an acceleration
+  structure with hard 4-px cells, kept for inspection, not a solvent mask),
+* a UMAP embedding (``umap.npy``) for every heterogeneous job with zdim >= 2 (:mod:`cryoformer_ext.umap_embed`),
 * ``z.pkl`` - the latents in cryoDRGN's format, and ChimeraX scripts ``chimerax/*.cxc`` that open the maps
   (:mod:`cryoformer_ext.chimerax`),
 * PNG plots in ``plots/`` and ``summary.json`` / ``report.txt`` listing every file, the settings and timings.
@@ -40,6 +45,9 @@ from cryoformer.lattice import sphere_mask
 from . import chimerax as _chimerax
 from . import plots as _plots
 from .cryodrgn_io import write_z_pkl
+from .label_resample import resample_nearest
+from .solvent_mask import SoftMaskSettings, soft_mask
+from .umap_embed import umap_embedding
 from .outputs import atomic_write_text, save_npy, write_mrc
 
 SUMMARY_FORMAT = "cryoformer-analysis/1"
@@ -49,7 +57,7 @@ PC_PERCENTILES = (5.0, 95.0)
 class MapRecord(BaseModel):
     name: str
     path: Path
-    kind: Literal["consensus", "kmeans", "pc", "flexibility", "attention", "mask"]
+    kind: Literal["consensus", "kmeans", "pc", "flexibility", "attention", "mask", "occupancy"]
     index: int | None = None  # k-means class (0-based) or step in a PC series (0-based); PC number in `pc`
     latent: list[float] | None = None  # latent the map was decoded at (None: flexibility / homogeneous)
     pc: int | None = None  # 1-based principal component of a "pc" map
@@ -151,7 +159,7 @@ def _corr_matrix(rows: np.ndarray) -> np.ndarray:
     return np.clip(x @ x.T, -1.0, 1.0)
 
 
-_OWNED_PATTERNS = ("consensus.mrc", "flexibility.mrc", "occupancy_mask.mrc", "attention_*.mrc", "kmeans/class_*.mrc", "kmeans/*.npy",
+_OWNED_PATTERNS = ("consensus.mrc", "flexibility.mrc", "occupancy_mask.mrc", "solvent_mask.mrc", "attention_*.mrc", "kmeans/class_*.mrc", "kmeans/*.npy",
                    "kmeans/*.txt", "pc*/pc*_*.mrc", "plots/*.png", "pca_coords.npy", "umap.npy",
                    "kmeans_labels.txt", "flexibility_latents.txt", "z.pkl", "chimerax/*.cxc")
 
@@ -170,13 +178,16 @@ def _remove_stale(out_dir: Path, written: set[Path], log) -> None:
 def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10, n_pcs: int = 2,
             pc_steps: int = 10, seed: int = 0, map_box: int | None = None,
             loss_history: list[float] | None = None, settings: dict | None = None,
-            log: Callable[[str], Any] = print, n_flex: int = 32, volume_batch: int = 8) -> AnalysisResult:
+            log: Callable[[str], Any] = print, n_flex: int = 32, volume_batch: int = 8,
+            mask_settings: SoftMaskSettings | None = None) -> AnalysisResult:
     """Analyse the latents of a trained job and write maps, plots, ``summary.json`` and ``report.txt``.
 
     ``latents`` (N, zdim) are the per-particle posterior means in input order (None or zdim 0 for a
     homogeneous job: only the consensus map, attention maps and the loss plot are made). ``generator`` has
     ``zdim``, ``train_box``, ``volumes(z, box)``, ``voxel_size_A(box)`` and optionally
-    ``attention_maps(z, box)``. Deterministic for a given ``seed``.
+    ``attention_maps(z, box)``. Deterministic for a given ``seed``. ``map_box`` None = the training box
+    (the job passes the particles' box, so that every map is at the particles' box and pixel size);
+    ``mask_settings`` set how ``solvent_mask.mrc`` is made.
     """
     timer = _Timer()
     t_start = time.perf_counter()
@@ -290,24 +301,14 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
                        "class_order": "by PC1 coordinate of the centre"}
         log(f"analysis: k-means k={k_used}: class sizes {sizes.tolist()}")
 
-    # ---- UMAP (optional) --------------------------------------------------------------------------------
+    # ---- UMAP ------------------------------------------------------------------------------------------
     umap_coords = None
     umap_info: dict[str, Any] = {"available": _umap_module() is not None, "file": None}
-    if hetero and zdim >= 3 and n_particles >= 10:
-        umap = _umap_module()
-        if umap is None:
-            log("analysis: umap-learn is not installed; skipping the UMAP embedding (pip install umap-learn)")
-        else:
-            with timer("umap"):
-                try:
-                    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n_particles - 1), random_state=seed)
-                    umap_coords = np.asarray(reducer.fit_transform(z), dtype=np.float32)
-                    rec(save_npy(out_dir / "umap.npy", umap_coords))
-                    umap_info["file"] = "umap.npy"
-                    log("analysis: UMAP embedding done")
-                except Exception as err:  # an optional extra must never fail the job
-                    log(f"analysis: UMAP failed ({type(err).__name__}: {err}); skipping it")
-                    umap_coords = None
+    if hetero and zdim >= 2 and n_particles >= 10:
+        with timer("umap"):
+            umap_coords = _run_umap(z, seed, umap_info, log)
+            if umap_coords is not None:
+                rec(save_npy(out_dir / "umap.npy", umap_coords))
 
     # ---- maps -----------------------------------------------------------------------------------------
     mask = sphere_mask(box).numpy()
@@ -317,6 +318,7 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         for _, v in _decode(generator, zc, box, volume_batch):
             consensus_vol = v[0]
         add_map("consensus", "consensus.mrc", "consensus", consensus_vol, latent=cons_z)
+    union_vol = consensus_vol.copy()  # voxel-wise maximum over the states: the solvent mask's map
     log("analysis: wrote consensus.mrc")
 
     km_corr = None
@@ -329,10 +331,16 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
                     c = s + j
                     add_map(f"class_{c + 1:03d}", f"kmeans/class_{c + 1:03d}.mrc", "kmeans", v, index=c, latent=zk[c])
                     rows[c] = v[mask]
+                    np.maximum(union_vol, v, out=union_vol)
             km_corr = _corr_matrix(rows)
             km_info["map_correlation"] = km_corr.tolist()
             del rows
         log(f"analysis: wrote {len(zk)} k-means maps in kmeans/")
+
+    with timer("solvent_mask"):
+        n_states = 1 + (0 if centers is None else len(centers))
+        scale = box / float(getattr(generator, "train_box", box))
+        mask_info = _write_solvent_mask(union_vol, add_map, mask_settings, scale, n_states=n_states, log=log)
 
     pc_info: list[dict[str, Any]] = []
     pc_strips: dict[int, np.ndarray] = {}
@@ -389,16 +397,17 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         with timer("attention_maps"):
             try:
                 zc = np.zeros(0, dtype=np.float32) if cons_z is None else cons_z.astype(np.float32)
-                w = np.asarray(generator.attention_maps(zc, box), dtype=np.float32)
+                att_box = min(box, int(generator.train_box))  # tokens x box^3 weights: at the training box
+                w = np.asarray(generator.attention_maps(zc, att_box), dtype=np.float32)
             except (NotImplementedError, ValueError, RuntimeError, TypeError) as err:
                 # literal attention or an engine without the hook: an optional map, never a failed job
                 log(f"analysis: no attention map ({type(err).__name__}: {err})")
                 w = None
             if w is not None:
-                if w.ndim != 4 or w.shape[1:] != (box, box, box):
-                    raise ValueError(f"attention_maps returned shape {w.shape}, expected (N_tokens, {box}, {box}, {box})")
-                arg = np.argmax(w, axis=0)
-                wmax = np.take_along_axis(w, arg[None], axis=0)[0]
+                if w.ndim != 4 or w.shape[1:] != (att_box,) * 3:
+                    raise ValueError(f"attention_maps returned shape {w.shape}, expected (N_tokens, {att_box}, {att_box}, {att_box})")
+                arg = resample_nearest(np.argmax(w, axis=0), box)
+                wmax = resample_nearest(np.max(w, axis=0), box)
                 add_map("attention_argmax", "attention_argmax.mrc", "attention", arg.astype(np.float32))
                 add_map("attention_maxweight", "attention_maxweight.mrc", "attention", wmax)
                 pos = np.clip(consensus_vol, 0, None)
@@ -477,6 +486,7 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
         "flexibility": flex_info,
         "attention": att_info,
         "occupancy_mask": occ_info,
+        "solvent_mask": mask_info,
         "loss_history": [float(x) for x in loss_history] if loss_history else None,
         "maps": [{**m.model_dump(mode="json"), "path": relp(m.path)} for m in maps],
         "plots": [relp(p) for p in plot_files],
@@ -504,20 +514,54 @@ def analyze(latents: np.ndarray | None, generator, out_dir: Path, *, k: int = 10
     )
 
 
-def _write_occupancy_mask(generator, box: int, add_map, log) -> dict[str, Any] | None:
-    """``occupancy_mask.mrc``: where the model renders density at all. It covers every conformation the
-    particles showed (the occupancy grid is a union over many particles' latents, grown by a margin), so
-    it is a safe solvent mask for RELION: soften its edge with ``relion_mask_create --i occupancy_mask.mrc
-    --ini_threshold 0.5 --width_soft_edge 6``."""
-    mask = generator.occupancy_mask(box) if hasattr(generator, "occupancy_mask") else None
-    if mask is None:
+def _run_umap(z: np.ndarray, seed: int, info: dict[str, Any], log) -> np.ndarray | None:
+    """UMAP coordinates of the latents; a failure (a broken numba) is logged, never a failed job."""
+    if _umap_module() is None:
+        log("analysis: umap-learn could not be imported; no UMAP embedding (reinstall umap-learn)")
         return None
-    add_map("occupancy_mask", "occupancy_mask.mrc", "mask", np.asarray(mask, np.float32))
+    try:
+        coords, how = umap_embedding(z, seed, log=log)
+    except Exception as err:  # noqa: BLE001 - the embedding is a view of the latents, not a result
+        log(f"analysis: UMAP failed ({type(err).__name__}: {err}); skipping it")
+        return None
+    info.update(file="umap.npy", **how)
+    log(f"analysis: UMAP embedding of {len(z)} latents done")
+    return coords
+
+
+def _write_solvent_mask(union_vol: np.ndarray, add_map, settings: SoftMaskSettings | None, scale: float, *,
+                        n_states: int, log) -> dict[str, Any] | None:
+    """``solvent_mask.mrc`` from the maximum over the state maps: the ``Mask3D`` node RELION's Refine3D,
+    PostProcess and MaskCreate take at the particles' box and pixel size, and the cryoSPARC mask."""
+    try:
+        m = soft_mask(union_vol, settings, scale)
+    except ValueError as err:  # a map without density: nothing to mask, but the maps are still results
+        log(f"analysis: no solvent mask ({err})")
+        return None
+    add_map("solvent_mask", "solvent_mask.mrc", "mask", m.values)
+    frac = m.fraction_above_half()
+    log(f"analysis: wrote solvent_mask.mrc ({frac:.1%} of the box above 0.5; threshold {m.threshold:.4g})")
+    return {"file": "solvent_mask.mrc", "threshold": m.threshold, **m.settings.model_dump(),
+            "fraction_above_half": frac, "source": f"voxel-wise maximum over {n_states} maps (consensus and k-means)",
+            "relion_equivalent": f"relion_mask_create --ini_threshold {m.threshold:.6g} --extend_inimask "
+                                 f"{m.settings.extend_px:g} --width_soft_edge {m.settings.soft_edge_px:g}"}
+
+
+def _write_occupancy_mask(generator, box: int, add_map, log) -> dict[str, Any] | None:
+    """``occupancy_mask.mrc``: where the model renders density at all (the occupancy grid's 4-px cells,
+    a union over many particles' latents). An acceleration structure with hard edges, written for
+    inspection under its own name; the solvent mask is ``solvent_mask.mrc``."""
+    train_box = int(getattr(generator, "train_box", box))
+    grid = generator.occupancy_mask(min(box, train_box)) if hasattr(generator, "occupancy_mask") else None
+    if grid is None:
+        return None
+    mask = resample_nearest(np.asarray(grid, np.float32), box)
+    add_map("occupancy_mask", "occupancy_mask.mrc", "occupancy", mask)
     frac = float(np.mean(mask))
     log(f"analysis: wrote occupancy_mask.mrc ({frac:.1%} of the box)")
     return {"file": "occupancy_mask.mrc", "fraction_of_box": frac,
             "meaning": "1 where the model renders density (occupied cells of its occupancy grid inside the "
-                       "training sphere), 0 elsewhere"}
+                       "training sphere), 0 elsewhere; not a solvent mask (see solvent_mask.mrc)"}
 
 
 def _json_default(o):
@@ -539,6 +583,10 @@ def _report(s: dict[str, Any]) -> str:
     L.append(f"created: {s['created']}")
     L.append(f"particles: {s['n_particles']}   latent dimensions: {s['zdim']}")
     L.append(f"maps: box {s['map_box']}, {s['map_pixel_size_A']:.4f} Å/voxel")
+    if s.get("solvent_mask"):
+        m = s["solvent_mask"]
+        L.append(f"solvent_mask.mrc: {m['fraction_above_half']:.1%} of the box above 0.5 (threshold {m['threshold']:.4g}, "
+                 f"extend {m['extend_px']:g} px, soft edge {m['soft_edge_px']:g} px)")
     a = s["analysis_settings"]
     L.append(f"settings: k={a['k']} pcs={a['n_pcs']} pc_steps={a['pc_steps']} seed={a['seed']} "
              f"flexibility samples={a['n_flex']}")
@@ -572,8 +620,8 @@ def _report(s: dict[str, Any]) -> str:
             L.append(f"  map correlation between classes: min {off.min():.3f}, median {np.median(off):.3f}")
     if s["umap"]["file"]:
         L.append("UMAP embedding: umap.npy")
-    elif s["zdim"] >= 3 and not s["umap"]["available"]:
-        L.append("UMAP: skipped (umap-learn not installed)")
+    elif s["zdim"] >= 2 and not s["umap"]["available"]:
+        L.append("UMAP: skipped (umap-learn could not be imported)")
     if s["flexibility"]:
         f = s["flexibility"]
         L.append(f"flexibility.mrc: std over {f['n_latents']} particle maps; peak {f['max']:.4g} at voxel "

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="principal components to make volume series along (default: the job's pcs)")
     p.add_argument("--pc-steps", type=int, default=None, help="maps per principal-component series (default: the job's)")
     p.add_argument("--seed", type=int, default=None, help="random seed for k-means/UMAP/sampling (default: the job's)")
-    p.add_argument("--map-box", type=int, default=None, help="box of the output maps (default: the job's, else the training box)")
+    p.add_argument("--map-box", type=int, default=None, help="box of the output maps (default: the job's map_box, else the particles' box)")
     p.add_argument("--flex-samples", type=int, default=32, help="particle maps behind flexibility.mrc (default 32)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default: <job-dir>/{ANALYSIS_SUBDIR}, replacing the previous analysis)")
@@ -130,9 +130,28 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
     out_dir = Path(out) if out is not None else default_out_dir(job_dir)
     return analyze(latents, gen, out_dir, k=pick(k, "kmeans", 10), n_pcs=pick(pcs, "pcs", 2),
                    pc_steps=pick(pc_steps, "pc_steps", 10), seed=pick(seed, "seed", 0),
-                   map_box=pick(map_box, "map_box", None), loss_history=loss,
+                   map_box=pick(map_box, "map_box", _particle_box(job_dir, log)), loss_history=loss,
+                   mask_settings=_mask_settings(cfg),
                    settings={"job": cfg, "reanalysis_of": str(job_dir.resolve())}, log=log,
                    n_flex=flex_samples)
+
+
+def _particle_box(job_dir: Path, log) -> int | None:
+    """The particles' box (the maps' default), or None (the training box) for a job that did not record it."""
+    from .job_files import read_input_scale
+
+    scale = read_input_scale(job_dir)
+    if scale is None:
+        log(f"analyze: {job_dir} does not record the particles' box; maps at the training box (use --map-box)")
+        return None
+    return scale.box
+
+
+def _mask_settings(cfg: dict[str, Any]):
+    from .solvent_mask import SoftMaskSettings
+
+    names = {"mask_threshold": "threshold_fraction", "mask_extend": "extend_px", "mask_soft_edge": "soft_edge_px"}
+    return SoftMaskSettings(**{ours: cfg[key] for key, ours in names.items() if cfg.get(key) is not None})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,7 +62,15 @@ class JobConfig(BaseModel):
     kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")
     pc_steps: int = Field(10, ge=2, description="maps per principal-component series")
-    map_box: int | None = Field(None, ge=8, description="box of the output maps (default: the training box)")
+    map_box: int | None = Field(None, ge=8, description="box of the output maps and mask (default: the particles' "
+                                "box, at their pixel size; the training box is faster and smaller)")
+    mask_threshold: float = Field(0.5, gt=0, lt=1, description="solvent mask: initial threshold as a fraction of "
+                                  "the 99.99th percentile of the maximum over the consensus and k-means maps")
+    mask_extend: float | None = Field(None, ge=0, description="solvent mask: binary extension in pixels of the output "
+                                      "maps (relion_mask_create --extend_inimask); default: one training-box pixel")
+    mask_soft_edge: float | None = Field(None, ge=0, description="solvent mask: raised-cosine edge width in pixels of "
+                                         "the output maps (relion_mask_create --width_soft_edge); default: two "
+                                         "training-box pixels")
     gpus: str = Field("", description="comma-separated GPU ids; several = one data-parallel worker per GPU (NCCL); empty = CPU, or the first GPU if any")
     ranks: int | None = Field(None, ge=1, description="data-parallel CPU worker processes (gloo) when 'gpus' is empty (testing, CPU nodes); empty = 1, or one per GPU of 'gpus'")
     seed: int = Field(0, description="random seed (same seed, same result)")

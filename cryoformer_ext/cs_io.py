@@ -371,6 +371,16 @@ def volume_dataset(map_path: str, shape: Sequence[int], psize_A: float) -> Datas
     return fill_volume(dset, map_path, shape, psize_A)
 
 
+def mask_dataset(mask_path: str, shape: Sequence[int], psize_A: float) -> Dataset:
+    """A one-row mask dataset (slot ``mask``: ``mask/path``, ``mask/shape``, ``mask/psize_A``), the result
+    cryoSPARC's mask outputs carry and its refinements' ``mask`` inputs take."""
+    dset = Dataset.allocate(1, [("mask/path", "O"), ("mask/shape", "<u4", (3,)), ("mask/psize_A", "<f4")])
+    dset["mask/path"][0] = mask_path
+    dset["mask/shape"][0] = np.asarray(shape).astype(dset["mask/shape"].dtype)
+    dset["mask/psize_A"][0] = psize_A
+    return dset
+
+
 _NAME_RE = re.compile(r"[^0-9A-Za-z_]+")
 
 
@@ -409,7 +419,7 @@ def slot_dtype(slot: str) -> str:
         return "components"
     if slot.startswith("alignments_class_"):
         return "alignments3D"
-    if slot in ("map", "map_sharp", "map_half_A", "map_half_B"):
+    if slot in ("map", "map_sharp", "map_half_A", "map_half_B", "mask"):
         return "blob"
     return slot
 
@@ -461,6 +471,6 @@ __all__ = [
     "CsInputError", "CsParticles", "load_cs", "strip_export_prefix", "resolve_blob_path", "check_box",
     "ctf_from_dataset", "poses_from_dataset", "poses_to_fields", "particles_from_dataset", "has_poses",
     "component_slot", "component_slots", "fill_components", "add_components", "mrc_shape", "fill_volume",
-    "volume_dataset", "output_name", "save_dataset", "dataset_slots", "slot_dtype", "csg_text", "write_group",
+    "volume_dataset", "mask_dataset", "output_name", "save_dataset", "dataset_slots", "slot_dtype", "csg_text", "write_group",
     "read_csg", "unmodelled_ctf_terms",
 ]

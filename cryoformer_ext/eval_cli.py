@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from . import chimerax, latent_paths
 from .analyze_cli import AnalyzeError, load_generator
-from .job_files import JobFiles, JobFilesError, engine_dir, load_job_files, parse_int_list
+from .job_files import JobFiles, JobFilesError, engine_dir, load_job_files, parse_int_list, read_input_scale
 from .outputs import atomic_write_text, write_mrc
 
 BATCH = 8  # latents decoded per generator call
@@ -69,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--avg-neighbors", type=float, default=latent_paths.DEFAULT_AVG_NEIGHBORS,
                    help="--traverse: keep the N x this many shortest links (default "
                         f"{latent_paths.DEFAULT_AVG_NEIGHBORS:g})")
-    p.add_argument("--box", type=int, default=None, help="map box (default: the training box)")
+    p.add_argument("--box", type=int, default=None, help="map box (default: the particles' box, at their pixel size)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default: the job's latest)")
     p.add_argument("--analysis", type=Path, default=None, help="analysis folder for --classes (default: <job>/analysis)")
@@ -165,13 +165,22 @@ def write_maps(generator, plan: EvalPlan, out: Path, box: int, log: Callable[[st
     return paths
 
 
+def default_box(jdir: Path, generator, log: Callable[[str], Any] = print) -> int:
+    """The particles' box (maps at their box and pixel size, like the job's), else the training box."""
+    scale = read_input_scale(jdir)
+    if scale is None:
+        log(f"eval: {jdir} does not record the particles' box; maps at the training box (use --box)")
+        return int(generator.train_box)
+    return scale.box
+
+
 def eval_job(args: argparse.Namespace, log: Callable[[str], Any] = print) -> list[Path]:
     jdir = engine_dir(args.job_dir)
     generator = load_generator(jdir, args.checkpoint, args.device)
     if int(generator.zdim) == 0:
         raise JobFilesError(f"{jdir}: a homogeneous job (zdim 0) has one map only; see analysis/consensus.mrc")
     plan = make_plan(args, int(generator.zdim))
-    box = int(args.box or generator.train_box)
+    box = int(args.box or default_box(jdir, generator, log))
     if box < 8 or box % 2:
         raise JobFilesError(f"--box {box}: need an even box of at least 8")
     out = Path(args.out)

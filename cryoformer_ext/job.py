@@ -26,6 +26,8 @@ from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, esti
 
 from .analysis import AnalysisResult, MapRecord, analyze
 from .config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
+from .job_files import InputScale, write_input_scale
+from .solvent_mask import SoftMaskSettings
 from .launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
 from .outputs import atomic_write_text, save_npy
 
@@ -79,6 +81,17 @@ def training_box(config: JobConfig, box: int) -> int:
     if tb > box:
         raise JobConfigError(f"parameter 'train_box' = {tb} is larger than the particle box {box}")
     return tb
+
+
+def output_map_box(config: JobConfig, particle_box: int) -> int:
+    """Box of every output map: the particles' own (so the next job uses maps and mask as they are)
+    unless ``map_box`` asks for another."""
+    return int(config.map_box or particle_box)
+
+
+def mask_settings(config: JobConfig) -> SoftMaskSettings:
+    return SoftMaskSettings(threshold_fraction=config.mask_threshold, extend_px=config.mask_extend,
+                            soft_edge_px=config.mask_soft_edge)
 
 
 def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
@@ -225,6 +238,7 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     check_continue(out_dir / CHECKPOINT_DIR, model_cfg)
     if main:
         atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
+        write_input_scale(out_dir, InputScale(box=data.box, pixel_size_A=data.pixel_size_A))
     train_cfg = train_config_for(config, device)
     try:
         model, history = train(data, model_cfg, train_cfg, out_dir / CHECKPOINT_DIR, log=log,
@@ -256,7 +270,7 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     result = analyze(latents if config.zdim > 0 else None, _AbortableGenerator(rec, should_abort),
                      out_dir / ANALYSIS_DIR, k=min(config.kmeans, n),
                      n_pcs=min(config.pcs, config.zdim), pc_steps=config.pc_steps, seed=config.seed,
-                     map_box=config.map_box, loss_history=history,
+                     map_box=output_map_box(config, data.box), loss_history=history, mask_settings=mask_settings(config),
                      settings={"job": config.model_dump(), "model": model_cfg.model_dump(),
                                "n_particles": n, "input_box": data.box, "input_pixel_size_A": data.pixel_size_A},
                      log=log)
@@ -265,6 +279,6 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     timings["total"] = time.perf_counter() - t0
     labels = None if result.labels is None else np.asarray(result.labels, dtype=np.int64)
     return JobResult(out_dir=out_dir, latents=latents, labels=labels, maps=result.maps,
-                     map_pixel_size_A=rec.voxel_size_A(config.map_box or rec.train_box),
+                     map_pixel_size_A=result.map_pixel_size_A,
                      latents_file=latents_file, summary_file=result.summary_file, analysis=result,
                      predicted_poses=poses, timings_s=timings)

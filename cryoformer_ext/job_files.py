@@ -170,3 +170,33 @@ def load_job_files(root: str | os.PathLike, analysis: str | os.PathLike | None =
             raise JobFilesError(f"{adir / 'pca_coords.npy'}: shape {pca.shape} does not match {n} particles")
     return JobFiles(root=root, job_dir=jdir, analysis_dir=adir, latents=latents.astype(np.float32),
                     labels=labels, center_particles=centers, pca_coords=pca)
+
+
+INPUT_SCALE_FILE = "input_particles.json"
+
+
+class InputScale(BaseModel):
+    """Box and pixel size of the particles a job was trained on: the default scale of every map it writes
+    later (``analyze``, ``eval``), so that a map made a week after training still matches the particles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    box: int
+    pixel_size_A: float
+
+
+def write_input_scale(job_dir: str | os.PathLike, scale: InputScale) -> Path:
+    from .outputs import atomic_write_text
+
+    return atomic_write_text(Path(job_dir) / INPUT_SCALE_FILE, scale.model_dump_json(indent=2) + "\n")
+
+
+def read_input_scale(job_dir: str | os.PathLike) -> InputScale | None:
+    """The job's :class:`InputScale`; None for a job written before it was recorded."""
+    path = Path(job_dir) / INPUT_SCALE_FILE
+    if not path.exists():
+        return None
+    try:
+        return InputScale.model_validate_json(path.read_text())
+    except ValueError as err:
+        raise JobFilesError(f"{path}: not a valid record of the input particles ({err})") from None

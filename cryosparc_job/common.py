@@ -76,6 +76,11 @@ def published_maps(maps: Iterable[Any]) -> list[Any]:
     return [m for m in maps if getattr(m, "kind", None) in PUBLISHED_KINDS]
 
 
+def solvent_mask(maps: Iterable[Any]) -> Any | None:
+    """The analysis' soft solvent mask record (kind ``mask``), None when it made none."""
+    return next((m for m in maps if getattr(m, "kind", None) == "mask"), None)
+
+
 def map_title(record: Any) -> str:
     kind = getattr(record, "kind", "")
     if kind == "kmeans" and getattr(record, "index", None) is not None:

@@ -27,7 +27,7 @@ import numpy as np
 from cryoformer_ext import cs_io
 from cryoformer_ext.config import JobConfig
 
-from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps
+from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps, solvent_mask
 
 PARTICLES_STEM = "cryoformer_particles"
 ENGINE_DIR = "cryoformer"
@@ -39,6 +39,7 @@ class OfflineResult:
     particles_csg: Path | None
     volumes: list[tuple[str, Path, Path]] = field(default_factory=list)  # (output name, .cs, .csg)
     job_result: Any = None
+    mask: tuple[Path, Path] | None = None  # the solvent mask group (.cs, .csg)
 
 
 def _rel_for_csg(path: Path, out_dir: Path) -> str:
@@ -135,4 +136,11 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
             stale.unlink()
             log(f"removed stale {stale.name} from an earlier run")
     log(f"wrote {len(res.volumes)} volume result groups (.cs + .csg) in {out_dir}")
+    mask = solvent_mask(result.maps)
+    if mask is not None:
+        dset = cs_io.mask_dataset(_rel_for_csg(Path(mask.path), out_dir), cs_io.mrc_shape(mask.path), psize)
+        res.mask = cs_io.write_group(out_dir, "cryoformer_mask", dset, group_name="mask", group_type="mask",
+                                     title="cryoFormer solvent mask",
+                                     description="soft solvent mask (maximum over the consensus and k-means maps)")
+        log(f"wrote the solvent mask result group {res.mask[0].name} + .csg")
     return res

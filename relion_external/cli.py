@@ -244,7 +244,7 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     for m in result.maps:
         if m.kind in MAP_NODE_KINDS:
             node_list.append((_node_name(Path(m.path), out_dir), "map"))
-        elif m.kind == "mask":  # the occupancy mask: a solvent mask for the next refinement
+        elif m.kind == "mask":  # the soft solvent mask, at the particles' box and pixel size by default
             node_list.append((_node_name(Path(m.path), out_dir), "mask"))
     _nodes.write_output_nodes(out_dir, node_list, version)
     log.out(f"output nodes: {len(node_list)} ({sum(1 for _, k in node_list if k == 'map')} maps, "

@@ -215,8 +215,8 @@ def test_summary_and_report_list_every_file(hetero_run):
     assert s["analysis_settings"]["k"] == 6 and s["analysis_settings"]["seed"] == 3
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert set(s["files"]) == on_disk
-    assert len(s["maps"]) == 1 + 6 + 2 * 8 + 1 + 2
-    assert {m["kind"] for m in s["maps"]} == {"consensus", "kmeans", "pc", "flexibility", "attention"}
+    assert len(s["maps"]) == 1 + 6 + 2 * 8 + 1 + 2 + 1  # ... + attention (2) + solvent mask
+    assert {m["kind"] for m in s["maps"]} == {"consensus", "kmeans", "pc", "flexibility", "attention", "mask"}
     for key in ("pca", "kmeans", "consensus_map", "pc_maps", "flexibility_map", "plots", "total"):
         assert key in s["timings_s"]
     report = res.report_file.read_text()
@@ -244,7 +244,7 @@ def test_homogeneous_job_gives_consensus_only(tmp_path, latents):
     lat = None if latents == "none" else np.zeros((50, 0), np.float32)
     res = analyze(lat, gen, tmp_path, loss_history=[2.0, 1.0], log=lambda m: None)
     kinds = sorted(m.kind for m in res.maps)
-    assert kinds == ["attention", "attention", "consensus"]
+    assert kinds == ["attention", "attention", "consensus", "mask"]
     assert res.labels is None and res.pca_coords_file is None
     assert not (tmp_path / "kmeans").exists() and not (tmp_path / "flexibility.mrc").exists()
     assert {p.name for p in res.plots} == {"loss.png", "maps_projections.png"}

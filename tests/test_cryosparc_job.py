@@ -122,7 +122,7 @@ def check_offline_outputs(out: Path, proj: Path, inp: Dataset, zdim: int) -> lis
     for csg in sorted(out.glob("*.csg")):
         doc = yaml.safe_load(csg.read_text())
         assert isinstance(doc["created"], datetime.datetime)
-        assert doc["group"]["type"] in ("particle", "volume")
+        assert doc["group"]["type"] in ("particle", "volume", "mask")
         for slot, r in doc["results"].items():
             assert r["metafile"].startswith(">")
             meta = csg.parent / r["metafile"][1:]

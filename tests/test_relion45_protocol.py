@@ -154,8 +154,9 @@ def test_success_registers_our_nodes(project, succeeded):
     ours = dict(zip(pnodes["rlnPipeLineNodeName"], pnodes["rlnPipeLineNodeTypeLabel"]))
     ours = {k: v for k, v in ours.items() if k.startswith(job)}
     assert ours.pop(f"{job}particles.star") == PARTICLES_LABEL[project.version]
-    # the occupancy grid comes back as a solvent mask node (RELION 4/5 label Mask3D.mrc)
-    assert ours[f"{job}analysis/occupancy_mask.mrc"] == "Mask3D.mrc"
+    # the soft solvent mask comes back as the mask node (RELION 4/5 label Mask3D.mrc); the occupancy grid is no node
+    assert ours[f"{job}analysis/solvent_mask.mrc"] == "Mask3D.mrc"
+    assert f"{job}analysis/occupancy_mask.mrc" not in ours
     assert set(ours.values()) == {"DensityMap.mrc", "Mask3D.mrc"} and sum("kmeans" in n for n in ours) == 3
     assert any(n.endswith("consensus.mrc") for n in ours) and all((project.path / n).is_file() for n in ours)
     # and RELION's reader of RELION_OUTPUT_NODES.star sees the same

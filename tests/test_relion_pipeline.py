@@ -215,12 +215,12 @@ def test_external_job_end_to_end(project):
     assert 0 < len(c1) < N_PART and len(c1) == len(want)
     np.testing.assert_allclose(c1["rlnCryoformerZ8"].to_numpy(), want["rlnCryoformerZ8"].to_numpy(), rtol=1e-7)
 
-    # the consensus map has the right voxel size for RELION: input pixel size x input box / training box
+    # the consensus map is at the particles' box and pixel size (the default map_box), as RELION reads it
     cons = next(n for n in maps if "consensus" in n)
     stats = sh(["relion_image_handler", "--i", cons, "--stats"], project).stdout
     angpix = float(re.search(r"angpix\s*=\s*([0-9.eE+-]+)", stats).group(1))
-    assert angpix == pytest.approx(APIX * BOX / TRAIN_BOX, rel=1e-4)
-    assert f"= {TRAIN_BOX} x {TRAIN_BOX} x {TRAIN_BOX} x 1" in stats
+    assert angpix == pytest.approx(APIX, rel=1e-4)
+    assert f"= {BOX} x {BOX} x {BOX} x 1" in stats
     print(f"end-to-end External job: {elapsed:.1f} s")
 
 
