@@ -234,3 +234,39 @@ def test_built_atomic_images_show_their_labelled_frame():
         star = read_particles_star(folder / "particles.star", folder)
         _assert_images_match_states(star.data, np.load(folder / "truth" / "states.npy"),
                                     _truth_maps(folder, truth), corrupt, project_volume)
+
+
+def test_fourier_resampling_gives_the_same_molecule_at_another_box():
+    from bench.suite.scoring import fourier_resample
+
+    small = fourier_resample(true_volume(0.3, 64), 32)
+    assert np.corrcoef(small.ravel(), true_volume(0.3, 32).ravel())[0, 1] > 0.9999
+    back = fourier_resample(true_volume(0.3, 32), 64)
+    assert np.corrcoef(back.ravel(), true_volume(0.3, 64).ravel())[0, 1] > 0.999
+
+
+def test_two_dimensional_spearman_finds_each_coordinate_on_some_component():
+    from bench.suite.scoring import latent_spearman
+
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(0, 1, (500, 2))
+    mix = np.array([[2.0, 0.3], [-0.4, 1.5]])
+    z = np.concatenate([coords @ mix, rng.normal(0, 0.01, (500, 6))], 1)
+    assert latent_spearman(z, coords) > 0.85
+    assert latent_spearman(rng.normal(size=(500, 8)), coords) < 0.2
+
+
+def test_headline_times_each_method_to_cryodrgns_final_value():
+    from bench.suite.report import headline
+
+    def run(method, values, secs):
+        eps = [{"epoch": i + 1, "cum_train_s": s, "spearman": v, "knn_accuracy": v, "moving_corr": v, "fsc_auc": v}
+               for i, (v, s) in enumerate(zip(values, secs))]
+        return {"method": method, "dataset": "x", "train_box": 32, "epochs": eps}
+
+    rows = headline([run("cryodrgn", [0.2, 0.9, 0.8], [10, 20, 30]), run("cryoformer", [0.5, 0.85, 0.95], [40, 80, 120])])
+    row = next(r for r in rows if r["score"] == "spearman")
+    assert row["cryodrgn_final"] == 0.8 and row["cryodrgn_s"] == 20 and row["cryoformer_s"] == 80
+    assert row["ratio_cryoformer_over_cryodrgn"] == pytest.approx(4.0)
+    never = headline([run("cryodrgn", [0.9], [10]), run("cryoformer", [0.5], [5])])[0]
+    assert never["cryoformer_s"] is None and never["ratio_cryoformer_over_cryodrgn"] is None

@@ -125,6 +125,13 @@ def run_suite(a) -> None:
     if a.datasets:
         keys = [k for k in keys if any(k.startswith(p) for p in a.datasets.split(","))]
     methods = [m.strip() for m in a.methods.split(",")]
+    bad = [m for m in methods if m not in ("cryodrgn", "cryoformer")]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad} (cryodrgn, cryoformer)")
+    data_box = json.loads((a.suite / keys[0] / "truth" / "truth.json").read_text())["box"] if keys else 0
+    if any(tb > data_box or tb % 2 for tb in a.train_box):
+        raise SystemExit(f"--train-box {a.train_box}: each must be even and at most the data's box {data_box} "
+                         f"({a.suite / 'suite.json'})")
     exe = None
     if "cryodrgn" in methods:
         if not a.skip_install:
