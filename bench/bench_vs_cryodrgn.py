@@ -39,6 +39,10 @@ Writes ``bench/results/vs_cryodrgn_D<box>_N<n>_snr<snr>.json`` / ``.md`` / ``.pn
     python bench/bench_vs_cryodrgn.py --box 64 --n 5000 --epochs 20 --snr 0.1 --threads 2
     python bench/bench_vs_cryodrgn.py --box 64 --n 5000 --epochs 20 --snr 0.05 --threads 2 --skip-install
     python bench/bench_vs_cryodrgn.py --box 128 --n 5000 --epochs 20
+
+``--suite DIR`` runs the equal-footing comparison on a suite of heterogeneity kinds built by
+``bench/suite/build.py`` instead: both methods at the same training box (``--train-box 32 64``), one after
+the other (:mod:`bench.suite.harness`), results in ``bench/results/suite_<tag>.*``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +66,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 VENV = Path(__file__).resolve().parent / ".venv-cryodrgn"
+CRYODRGN_VERSION = "4.3.1"
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "cryoformer_vs_cryodrgn"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,7 +86,7 @@ def install_cryodrgn(venv: Path, torch_version: str, isolated: bool) -> None:
     if isolated:
         torch_req += ["--index-url", "https://download.pytorch.org/whl/cpu"]
     subprocess.run(pip + torch_req, check=True)
-    subprocess.run(pip + ["cryodrgn"], check=True)
+    subprocess.run(pip + [f"cryodrgn=={CRYODRGN_VERSION}"], check=True)
 
 
 def cryodrgn_exe(venv: Path) -> str:
@@ -471,6 +478,32 @@ def evaluate_method(name: str, run: dict, epoch_fn, a, conf: np.ndarray, idx: np
     return {**run, "orientation": orient, "epochs": epochs}
 
 
+def add_suite_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("suite", "the equal-footing comparison on a suite built by bench/suite/build.py")
+    g.add_argument("--suite", type=Path, default=None, help="suite folder (with suite.json): run the comparison on it")
+    g.add_argument("--train-box", type=int, nargs="+", default=[32, 64], help="training box of BOTH methods")
+    g.add_argument("--methods", default="cryodrgn,cryoformer", help="run in this order, one at a time")
+    g.add_argument("--datasets", default="", help="comma-separated key prefixes (e.g. a_,e_adk_snr0.1); all by default")
+    g.add_argument("--tag", default="full", help="results go to bench/results/suite_<tag>.{json,md} and *_<dataset>_D<box>.png")
+    g.add_argument("--keep-work", action="store_true", help="keep checkpoints and maps under --work")
+
+
+def run_suite_comparison(a: argparse.Namespace) -> None:
+    """``--suite``: see :mod:`bench.suite.harness` (both methods at the same training box, in turn)."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from bench.suite.harness import run_suite
+
+    a.results, a.command = RESULTS, "python " + " ".join(sys.argv)
+    if a.work == DEFAULT_WORK:
+        a.work = DEFAULT_WORK.with_name("cryoformer_suite_runs")
+    run_suite(a)
+    print((RESULTS / f"suite_{a.tag}.md").read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--box", type=int, default=64)
@@ -490,13 +523,17 @@ def main() -> None:
                    help="venv without system packages (downloads torch from the PyTorch CPU index)")
     p.add_argument("--torch", default="2.13.0")
     p.add_argument("--venv", type=Path, default=VENV)
-    p.add_argument("--work", type=Path, default=Path("/tmp/cryoformer_vs_cryodrgn"))
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--only", choices=["cryodrgn", "cryoformer"], default=None)
     p.add_argument("--timeout", type=float, default=24 * 3600, help="per training run (s)")
     p.add_argument("--child-cryoformer", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
+    add_suite_arguments(p)
     a = p.parse_args()
     if a.child_cryoformer:
         child_cryoformer(*a.child_cryoformer, a.epochs, a.threads, a.batch, a.seed, a.cf_job)
+        return
+    if a.suite is not None:
+        run_suite_comparison(a)
         return
     if a.quick:
         a.box, a.n, a.epochs, a.eval_particles = 32, 500, 2, 20
