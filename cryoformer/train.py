@@ -50,6 +50,8 @@ class CheckpointReadError(RuntimeError):
 
 
 class TrainConfig(BaseModel):
+    """Optimisation and schedule settings; saved in each checkpoint next to the model config."""
+
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(20, ge=1)
@@ -166,6 +168,8 @@ def estimate_data_scale(data: ParticleData, box: int, n: int = 500, seed: int = 
 
 
 def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with a parameter group per learning rate: the hash tables (``hash_lr_factor``), the deformation
+    encoder (``encoder_lr_factor``) and the rest."""
     grid = list(model.grid.parameters())
     # a group of its own only when it differs, so the optimizer state of older checkpoints still loads
     enc = list(model.def_encoder.parameters()) if hasattr(model, "def_encoder") and cfg.encoder_lr_factor != 1 else []
@@ -197,24 +201,17 @@ def lr_factor(cfg: TrainConfig, progress: float) -> float:
 
 
 def set_learning_rates(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group from its own base rate (kept in the group, so it survives a checkpoint), never
+    from the current rate: the schedule is then a pure function of the progress and a resume continues it."""
     for g in opt.param_groups:
         g["lr"] = g.setdefault("base_lr", g["lr"]) * factor
 
 
 def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, epoch: int,
                     history: list[float], train_cfg: TrainConfig) -> None:
-    device = next(model.parameters()).device
-    state = {
-        "format": "cryoformer-checkpoint-1",
-        "model_config": model.cfg.model_dump(),
-        "train_config": train_cfg.model_dump(),
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "epoch": epoch,
-        "loss_history": history,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
-    }
+    """Write the checkpoint atomically (a temporary file, then a rename): a job killed or out of disk while
+    writing keeps the previous epoch's checkpoint, which is what a resume starts from."""
+    state = _checkpoint_state(model, opt, epoch, history, train_cfg)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         # through a Python file object: a full disk then raises OSError(ENOSPC), where torch.save(path)
@@ -228,11 +225,34 @@ def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, e
         cause = _os_error_in_chain(err)  # torch's zip writer reports a failed write as a RuntimeError
         if cause is None:
             raise
-        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
-        reason = "no space left on device" if full else (cause.strerror or str(cause))
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
-        raise CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})",
-                                   str(path)) from None
+        raise _write_error(cause, path) from None
+
+
+def _checkpoint_state(model: CryoFormer, opt: torch.optim.Optimizer, epoch: int, history: list[float],
+                      train_cfg: TrainConfig) -> dict:
+    """Everything an exact resume needs: weights, optimiser moments, the epoch and loss history, and the RNG
+    states (the noise of the next epoch continues from them)."""
+    device = next(model.parameters()).device
+    return {
+        "format": "cryoformer-checkpoint-1",
+        "model_config": model.cfg.model_dump(),
+        "train_config": train_cfg.model_dump(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "loss_history": history,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
+    }
+
+
+def _write_error(cause: OSError, path: Path) -> CheckpointWriteError:
+    """A failed write as one line a user can act on: a full disk named as such, and whether an earlier
+    checkpoint survives (the job can be continued from it) or none was ever saved."""
+    full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on device" if full else (cause.strerror or str(cause))
+    kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
+    return CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})", str(path))
 
 
 def _os_error_in_chain(err: BaseException | None) -> OSError | None:
@@ -287,6 +307,8 @@ def refresh_occupancy(model: CryoFormer, reader: "BatchReader", n: int, cfg: Tra
         with torch.no_grad():
             z = model.latent_means(b["images"], b.get("rot"), b.get("shift"))
     return model.estimate_occupancy(z, cfg.occupancy_threshold, cfg.occupancy_margin)
+
+
 def latent_noise(ctx, batch_len: int, zdim: int, device: torch.device) -> torch.Tensor:
     """Reparameterisation noise of one step, drawn here and passed to the model explicitly.
 
