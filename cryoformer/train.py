@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -49,6 +50,8 @@ class CheckpointReadError(RuntimeError):
 
 
 class TrainConfig(BaseModel):
+    """Optimisation and schedule settings; saved in each checkpoint next to the model config."""
+
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(20, ge=1)
@@ -165,6 +168,8 @@ def estimate_data_scale(data: ParticleData, box: int, n: int = 500, seed: int = 
 
 
 def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with a parameter group per learning rate: the hash tables (``hash_lr_factor``), the deformation
+    encoder (``encoder_lr_factor``) and the rest."""
     grid = list(model.grid.parameters())
     # a group of its own only when it differs, so the optimizer state of older checkpoints still loads
     enc = list(model.def_encoder.parameters()) if hasattr(model, "def_encoder") and cfg.encoder_lr_factor != 1 else []
@@ -196,24 +201,17 @@ def lr_factor(cfg: TrainConfig, progress: float) -> float:
 
 
 def set_learning_rates(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group from its own base rate (kept in the group, so it survives a checkpoint), never
+    from the current rate: the schedule is then a pure function of the progress and a resume continues it."""
     for g in opt.param_groups:
         g["lr"] = g.setdefault("base_lr", g["lr"]) * factor
 
 
 def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, epoch: int,
                     history: list[float], train_cfg: TrainConfig) -> None:
-    device = next(model.parameters()).device
-    state = {
-        "format": "cryoformer-checkpoint-1",
-        "model_config": model.cfg.model_dump(),
-        "train_config": train_cfg.model_dump(),
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "epoch": epoch,
-        "loss_history": history,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
-    }
+    """Write the checkpoint atomically (a temporary file, then a rename): a job killed or out of disk while
+    writing keeps the previous epoch's checkpoint, which is what a resume starts from."""
+    state = _checkpoint_state(model, opt, epoch, history, train_cfg)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         # through a Python file object: a full disk then raises OSError(ENOSPC), where torch.save(path)
@@ -227,11 +225,34 @@ def save_checkpoint(path: Path, model: CryoFormer, opt: torch.optim.Optimizer, e
         cause = _os_error_in_chain(err)  # torch's zip writer reports a failed write as a RuntimeError
         if cause is None:
             raise
-        full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
-        reason = "no space left on device" if full else (cause.strerror or str(cause))
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
-        raise CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})",
-                                   str(path)) from None
+        raise _write_error(cause, path) from None
+
+
+def _checkpoint_state(model: CryoFormer, opt: torch.optim.Optimizer, epoch: int, history: list[float],
+                      train_cfg: TrainConfig) -> dict:
+    """Everything an exact resume needs: weights, optimiser moments, the epoch and loss history, and the RNG
+    states (the noise of the next epoch continues from them)."""
+    device = next(model.parameters()).device
+    return {
+        "format": "cryoformer-checkpoint-1",
+        "model_config": model.cfg.model_dump(),
+        "train_config": train_cfg.model_dump(),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "loss_history": history,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": cuda_rng_state(device),  # the GPU in use only, a CPU tensor (None on CPU)
+    }
+
+
+def _write_error(cause: OSError, path: Path) -> CheckpointWriteError:
+    """A failed write as one line a user can act on: a full disk named as such, and whether an earlier
+    checkpoint survives (the job can be continued from it) or none was ever saved."""
+    full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on device" if full else (cause.strerror or str(cause))
+    kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was saved"
+    return CheckpointWriteError(cause.errno, f"cannot write the checkpoint {path}: {reason} ({kept})", str(path))
 
 
 def _os_error_in_chain(err: BaseException | None) -> OSError | None:
@@ -286,6 +307,8 @@ def refresh_occupancy(model: CryoFormer, reader: "BatchReader", n: int, cfg: Tra
         with torch.no_grad():
             z = model.latent_means(b["images"], b.get("rot"), b.get("shift"))
     return model.estimate_occupancy(z, cfg.occupancy_threshold, cfg.occupancy_margin)
+
+
 def latent_noise(ctx, batch_len: int, zdim: int, device: torch.device) -> torch.Tensor:
     """Reparameterisation noise of one step, drawn here and passed to the model explicitly.
 
@@ -325,6 +348,60 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+@dataclass
+class _Run:
+    """The fixed parts of one training run, gathered once after setup so that the epoch and step functions
+    share them without a dozen arguments each."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    model: CryoFormer
+    net: torch.nn.Module  # the model, or its DDP wrapper with several ranks
+    opt: torch.optim.Optimizer
+    reader: BatchReader
+    device: torch.device
+    ctx: DistContext | None
+    path: Path
+    n: int
+    steps_per_epoch: int
+    kl_w: float
+    amp_dtype: torch.dtype | None
+    log: Callable[[str], None]
+    should_abort: Callable[[], bool]
+    step_hook: Callable[[int, int], None] | None
+
+
+@dataclass
+class _Progress:
+    """Running state across the epochs: the counters of the progress lines (throughput, ETA) and the host's
+    count of occupancy estimates (reading the grid's device counter every step would wait for the GPU)."""
+
+    t_start: float
+    total_imgs: int
+    estimates: int | None
+    done_imgs: int = 0
+    last_log: float = 0.0
+
+
+@dataclass
+class _Epoch:
+    """One epoch's schedule and loss sums. ``mse_sum`` (mse x images, the logged loss) and ``loss_total``
+    (the full loss, only for the non-finite check) stay on the device; ``loss_sum`` is their last reading
+    on the host, taken every ``sync_every`` steps, at log lines and at the epoch's last step."""
+
+    index: int
+    pose_w: float
+    coarse: bool
+    global_batches: list[np.ndarray]
+    shares: list[tuple[np.ndarray, float]] | None  # this rank's rows and loss weight per batch (several ranks)
+    mse_sum: torch.Tensor
+    loss_total: torch.Tensor
+    loss_sum: float = 0.0
+    count: int = 0
+    checked: int = 0
+    t_start: float = field(default_factory=time.time)
+
+
 def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir: Path, *,
           log: Callable[[str], None] = print, should_abort: Callable[[], bool] = lambda: False,
           step_hook: Callable[[int, int], None] | None = None) -> tuple[CryoFormer, list[float]]:
@@ -349,8 +426,37 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     if model_cfg.pose_mode == "given" and not data.has_poses:
         raise ValueError("the particles have no poses: use pose mode 'predict'")
 
+    model_cfg, model, opt, start_epoch, history = _start_or_resume(path, model_cfg, cfg, device, log)
+    if start_epoch >= cfg.epochs:
+        log(f"training already finished ({start_epoch} epochs)")
+        return model, history
+    run = _Run(cfg=cfg, model_cfg=model_cfg, model=model, net=_wrap(model, model_cfg, ctx), opt=opt,
+               reader=BatchReader(data, model_cfg.box, pin=device.type == "cuda"), device=device, ctx=ctx,
+               path=path, n=len(data), steps_per_epoch=math.ceil(len(data) / cfg.batch_size),
+               kl_w=cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2),
+               amp_dtype=autocast_dtype(device, cfg.amp), log=log, should_abort=should_abort, step_hook=step_hook)
+    use_compile(cfg.compile and device.type == "cuda", log)
+    _log_start(run)
+    t_start = time.time()
+    model.train()
+    occupancy = getattr(model, "occupancy", None)
+    # read from the device once here (after a checkpoint load) and then counted on the host
+    prog = _Progress(t_start=t_start, total_imgs=(cfg.epochs - start_epoch) * run.n,
+                     estimates=None if occupancy is None else int(occupancy.estimates))
+    for epoch in range(start_epoch, cfg.epochs):
+        ep = _train_epoch(run, prog, epoch)
+        _finish_epoch(run, ep, history)
+    return model, history
+
+
+def _start_or_resume(path: Path, model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
+                     log: Callable[[str], None]) -> tuple[ModelConfig, CryoFormer, torch.optim.Optimizer, int, list[float]]:
+    """The model and optimiser, fresh or from the checkpoint at ``path``, with the RNG where the run left it.
+
+    The seed is set before the model is made (its initial weights draw from it); a resumed run then
+    overwrites the weights and the RNG state, so its noise continues exactly where the saved epoch ended.
+    The checkpoint's model config wins over the caller's: the weights only fit the model they came from."""
     torch.manual_seed(cfg.seed)
-    start_epoch, history = 0, []
     resumed = None
     if path.exists():
         resumed = load_checkpoint(path, "cpu")  # the RNG states must stay CPU tensors; weights move below
@@ -358,103 +464,141 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
     model = CryoFormer(model_cfg).to(device)
     invalidate_budget()  # memory budgets of an earlier run on this device are out of date
     opt = make_optimizer(model, cfg)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        start_epoch, history = int(resumed["epoch"]), list(resumed["loss_history"])
-        torch.set_rng_state(resumed["torch_rng"].cpu())
-        restore_cuda_rng(resumed.get("cuda_rng"), device)
-        log(f"resumed from {path} after epoch {start_epoch}/{cfg.epochs}")
-    if start_epoch >= cfg.epochs:
-        log(f"training already finished ({start_epoch} epochs)")
-        return model, history
-    # DDP all-reduces gradients; parameters that a config never uses (zdim 0: cross-attention) need
-    # find_unused_parameters
-    net = model if ctx is None else ctx.wrap(model, find_unused_parameters=model_cfg.zdim == 0)
+    if resumed is None:
+        return model_cfg, model, opt, 0, []
+    model.load_state_dict(resumed["model"])
+    opt.load_state_dict(resumed["optimizer"])
+    start_epoch, history = int(resumed["epoch"]), list(resumed["loss_history"])
+    torch.set_rng_state(resumed["torch_rng"].cpu())
+    restore_cuda_rng(resumed.get("cuda_rng"), device)
+    log(f"resumed from {path} after epoch {start_epoch}/{cfg.epochs}")
+    return model_cfg, model, opt, start_epoch, history
 
-    reader = BatchReader(data, model_cfg.box, pin=device.type == "cuda")
-    n = len(data)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    kl_w = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2)
-    amp_dtype = autocast_dtype(device, cfg.amp)
-    use_compile(cfg.compile and device.type == "cuda", log)
-    log(f"training {n} particles, box {model_cfg.box} ({model_cfg.pixel_size_A:.3f} A/px), "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, device {device}, "
-        + precision_note(device, cfg.amp) + ", " + model.grid.backend_note(device)
-        + (f", {ctx.world} ranks" if ctx is not None else ""))
-    t_start, done_imgs, last_log = time.time(), 0, 0.0
-    total_imgs = (cfg.epochs - start_epoch) * n
-    model.train()
-    occupancy = getattr(model, "occupancy", None)
-    # read from the device once here (after a checkpoint load) and then counted on the host
-    estimates = None if occupancy is None else int(occupancy.estimates)
-    for epoch in range(start_epoch, cfg.epochs):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        pose_w = cfg.pose_weight * 0.5 ** epoch
-        coarse = epoch < cfg.coarse_epochs
-        # device-side sums: mse x images (the logged loss) and the full loss (only for the finite check)
-        mse_sum = torch.zeros((), dtype=torch.float64, device=device)
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
-        loss_sum, count, checked, t_epoch = 0.0, 0, 0, time.time()
-        global_batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-        chunks = None
-        if ctx is not None:  # this rank's rows of every global batch (see cryoformer.distributed)
-            shares = [ctx.batch_rows(len(c)) for c in global_batches]
-            chunks = [c[rows] for c, (rows, _) in zip(global_batches, shares)]
-        batches = iterate_batches(reader, order, cfg.batch_size, cfg.prefetch, chunks, device)
-        for step, batch in enumerate(batches):
-            if abort_polled(ctx, step, cfg.sync_every, should_abort):
-                raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
-            b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            set_learning_rates(opt, lr_factor(cfg, (epoch + step / steps_per_epoch) / cfg.epochs))
-            eps = latent_noise(ctx, len(global_batches[step]), model_cfg.zdim, device) if model_cfg.zdim > 0 else None
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                out = net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,
-                          box=stage_box(model_cfg.box, coarse, estimates), step=epoch * steps_per_epoch + step)
-            loss = out["mse"]
-            if "kl" in out:
-                loss = loss + kl_w * out["kl"]
-            if "pose_loss" in out:
-                loss = loss + pose_w * out["pose_loss"]
-            opt.zero_grad(set_to_none=True)
-            # a rank's mean x W b_r / B: DDP's gradient average is then the global-batch mean's gradient
-            (loss if ctx is None else loss * shares[step][1]).backward()
-            opt.step()
-            bs = b["images"].shape[0] if ctx is None or shares[step][1] > 0 else 0
-            mse_sum += out["mse"].detach().double() * bs
-            loss_total += loss.detach().double()
-            count += bs
-            done_imgs += bs if ctx is None else len(global_batches[step])
-            seen = epoch * n + step * cfg.batch_size
-            if occupancy is not None and occupancy_due(cfg, n, seen, min(seen + cfg.batch_size, (epoch + 1) * n)):
-                frac = refresh_occupancy(model, reader, n, cfg, device)
-                if ctx is not None:  # rank 0's grid for all: the ranks must render the same points
-                    ctx.broadcast_(occupancy.occupied)
-                    occupancy.version += 1
-                estimates += 1
-                invalidate_budget()
-                log(f"occupancy grid estimated ({estimates}): {frac:.1%} of the sphere is rendered")
-            if step_hook is not None:
-                step_hook(epoch, step)
-            now = time.time()
-            due_log = now - last_log >= cfg.log_interval_s or step == steps_per_epoch - 1
-            if due_log or (step + 1) % cfg.sync_every == 0:
-                loss_sum, total = torch.stack((mse_sum, loss_total)).tolist()  # the one host synchronisation
-                if not math.isfinite(total):
-                    raise FloatingPointError(f"loss became {total} at epoch {epoch + 1}, steps {checked + 1}-{step + 1}")
-                checked = step + 1
-            if due_log:
-                last_log = now
-                rate = done_imgs / max(now - t_start, 1e-9)
-                eta = (total_imgs - done_imgs) / max(rate, 1e-9)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
-                    f"loss {loss_sum / max(count, 1):.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
-        if ctx is not None:
-            loss_sum, count = ctx.sum(loss_sum, count)
-        history.append(loss_sum / max(count, 1))
-        if ctx is None or ctx.is_main:  # the checkpoint does not depend on the world size
-            save_checkpoint(path, model, opt, epoch + 1, history, cfg)
-        if ctx is not None:
-            ctx.barrier()
-        log(f"epoch {epoch + 1} done: mean loss {history[-1]:.5f} in {time.time() - t_epoch:.1f} s; checkpoint saved")
-    return model, history
+
+def _wrap(model: CryoFormer, model_cfg: ModelConfig, ctx: DistContext | None) -> torch.nn.Module:
+    """DDP around the model with several ranks, so that it all-reduces the gradients; parameters that a
+    config never uses (zdim 0: cross-attention) need ``find_unused_parameters``."""
+    return model if ctx is None else ctx.wrap(model, find_unused_parameters=model_cfg.zdim == 0)
+
+
+def _log_start(run: _Run) -> None:
+    """The run's first line: what is trained, how, and on what (precision, hash-grid backend, ranks), so a
+    log tells on its own which path a job took."""
+    m, cfg = run.model_cfg, run.cfg
+    run.log(f"training {run.n} particles, box {m.box} ({m.pixel_size_A:.3f} A/px), "
+            f"{cfg.epochs} epochs x {run.steps_per_epoch} steps of {cfg.batch_size}, device {run.device}, "
+            + precision_note(run.device, cfg.amp) + ", " + run.model.grid.backend_note(run.device)
+            + (f", {run.ctx.world} ranks" if run.ctx is not None else ""))
+
+
+def _plan_epoch(run: _Run, epoch: int) -> tuple[_Epoch, Iterator[dict]]:
+    """The epoch's shuffled batches and schedule. The order is a pure function of (seed, epoch), so a
+    resumed run sees the batches the uninterrupted one saw; with several ranks each reads only its rows
+    of every global batch (see cryoformer.distributed)."""
+    cfg, n = run.cfg, run.n
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+    ep = _Epoch(index=epoch, pose_w=cfg.pose_weight * 0.5 ** epoch, coarse=epoch < cfg.coarse_epochs,
+                global_batches=[order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)], shares=None,
+                mse_sum=torch.zeros((), dtype=torch.float64, device=run.device),
+                loss_total=torch.zeros((), dtype=torch.float64, device=run.device))
+    chunks = None
+    if run.ctx is not None:
+        ep.shares = [run.ctx.batch_rows(len(c)) for c in ep.global_batches]
+        chunks = [c[rows] for c, (rows, _) in zip(ep.global_batches, ep.shares)]
+    return ep, iterate_batches(run.reader, order, cfg.batch_size, cfg.prefetch, chunks, run.device)
+
+
+def _train_epoch(run: _Run, prog: _Progress, epoch: int) -> _Epoch:
+    """One epoch of steps. The abort poll comes first in every step, so an abort never leaves a half-done
+    step, and the checkpoint of the previous epoch stays the one to resume from."""
+    ep, batches = _plan_epoch(run, epoch)
+    for step, batch in enumerate(batches):
+        if abort_polled(run.ctx, step, run.cfg.sync_every, run.should_abort):
+            raise TrainingAborted(f"aborted during epoch {epoch + 1}; the checkpoint after epoch {epoch} is kept")
+        _optimise(run, prog, ep, step, batch)
+        _refresh_occupancy_if_due(run, prog, epoch, step)
+        if run.step_hook is not None:
+            run.step_hook(epoch, step)
+        _check_and_report(run, prog, ep, step)
+    return ep
+
+
+def _optimise(run: _Run, prog: _Progress, ep: _Epoch, step: int, batch: dict[str, torch.Tensor]) -> None:
+    """One optimiser step on one minibatch; its losses are added to the epoch's device-side sums without
+    reading them (a read would wait for the GPU). The latent noise is drawn before the forward, in the
+    same order every run, so the RNG stream, and a resumed run with it, is reproducible."""
+    cfg, mcfg, ctx, device = run.cfg, run.model_cfg, run.ctx, run.device
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    set_learning_rates(run.opt, lr_factor(cfg, (ep.index + step / run.steps_per_epoch) / cfg.epochs))
+    eps = latent_noise(ctx, len(ep.global_batches[step]), mcfg.zdim, device) if mcfg.zdim > 0 else None
+    with torch.autocast(device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None):
+        out = run.net(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), eps=eps,
+                      box=stage_box(mcfg.box, ep.coarse, prog.estimates), step=ep.index * run.steps_per_epoch + step)
+    loss = out["mse"]
+    if "kl" in out:
+        loss = loss + run.kl_w * out["kl"]
+    if "pose_loss" in out:
+        loss = loss + ep.pose_w * out["pose_loss"]
+    run.opt.zero_grad(set_to_none=True)
+    # a rank's mean x W b_r / B: DDP's gradient average is then the global-batch mean's gradient
+    (loss if ctx is None else loss * ep.shares[step][1]).backward()
+    run.opt.step()
+    bs = b["images"].shape[0] if ctx is None or ep.shares[step][1] > 0 else 0
+    ep.mse_sum += out["mse"].detach().double() * bs
+    ep.loss_total += loss.detach().double()
+    ep.count += bs
+    prog.done_imgs += bs if ctx is None else len(ep.global_batches[step])
+
+
+def _refresh_occupancy_if_due(run: _Run, prog: _Progress, epoch: int, step: int) -> None:
+    """Re-estimate the occupancy grid when the image count crosses an estimate point (a pure function of
+    the count, so a resumed run estimates where the uninterrupted one did). With several ranks rank 0's
+    grid is used by all: the ranks must render the same points."""
+    occupancy = getattr(run.model, "occupancy", None)
+    cfg, n = run.cfg, run.n
+    seen = epoch * n + step * cfg.batch_size
+    if occupancy is None or not occupancy_due(cfg, n, seen, min(seen + cfg.batch_size, (epoch + 1) * n)):
+        return
+    frac = refresh_occupancy(run.model, run.reader, n, cfg, run.device)
+    if run.ctx is not None:
+        run.ctx.broadcast_(occupancy.occupied)
+        occupancy.version += 1
+    prog.estimates += 1
+    invalidate_budget()
+    run.log(f"occupancy grid estimated ({prog.estimates}): {frac:.1%} of the sphere is rendered")
+
+
+def _check_and_report(run: _Run, prog: _Progress, ep: _Epoch, step: int) -> None:
+    """The step loop's only host synchronisation, every ``sync_every`` steps and at progress lines: read the
+    device-side sums, stop on a non-finite loss (before any checkpoint of it is written), and log progress
+    every ``log_interval_s`` and at the epoch's last step."""
+    cfg = run.cfg
+    now = time.time()
+    due_log = now - prog.last_log >= cfg.log_interval_s or step == run.steps_per_epoch - 1
+    if due_log or (step + 1) % cfg.sync_every == 0:
+        ep.loss_sum, total = torch.stack((ep.mse_sum, ep.loss_total)).tolist()  # the one host synchronisation
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at epoch {ep.index + 1}, steps {ep.checked + 1}-{step + 1}")
+        ep.checked = step + 1
+    if due_log:
+        prog.last_log = now
+        rate = prog.done_imgs / max(now - prog.t_start, 1e-9)
+        eta = (prog.total_imgs - prog.done_imgs) / max(rate, 1e-9)
+        run.log(f"epoch {ep.index + 1}/{cfg.epochs} step {step + 1}/{run.steps_per_epoch} "
+                f"loss {ep.loss_sum / max(ep.count, 1):.5f} {rate:.1f} img/s ETA {_fmt_time(eta)}")
+
+
+def _finish_epoch(run: _Run, ep: _Epoch, history: list[float]) -> None:
+    """The epoch's mean loss over all ranks and its checkpoint. Only rank 0 writes (the checkpoint does not
+    depend on the world size); the barrier keeps the other ranks from starting the next epoch, and so
+    from outrunning an abort, before the checkpoint exists."""
+    loss_sum, count = ep.loss_sum, ep.count
+    if run.ctx is not None:
+        loss_sum, count = run.ctx.sum(loss_sum, count)
+    history.append(loss_sum / max(count, 1))
+    if run.ctx is None or run.ctx.is_main:
+        save_checkpoint(run.path, run.model, run.opt, ep.index + 1, history, run.cfg)
+    if run.ctx is not None:
+        run.ctx.barrier()
+    run.log(f"epoch {ep.index + 1} done: mean loss {history[-1]:.5f} in {time.time() - ep.t_start:.1f} s; "
+            "checkpoint saved")

@@ -358,7 +358,11 @@ def one_rank_group(monkeypatch):
     tdist.destroy_process_group()
 
 
-def test_data_parallel_step_loop_polls_abort_every_k_steps(monkeypatch, tmp_path, one_rank_group):
+def test_data_parallel_step_loop_on_cpu_ranks_polls_abort_every_step_and_reads_the_loss_every_k(
+        monkeypatch, tmp_path, one_rank_group):
+    """CPU ranks all-reduce the abort request at every step (reading it costs nothing there; the GPU ranks'
+    every-k rule is checked in ``test_abort_poll_steps_per_device``); the losses are still read only every
+    ``sync_every`` steps, and the forward runs under no function mode with the noise passed in."""
     import torch.distributed as tdist
 
     reduced = []
@@ -373,9 +377,11 @@ def test_data_parallel_step_loop_polls_abort_every_k_steps(monkeypatch, tmp_path
 
     monkeypatch.setattr(CryoFormer, "forward", forward)
     step_calls, _ = _sync_run(monkeypatch, tmp_path)
-    _assert_syncs_only_every(step_calls, 4, 20)
+    # the poll's flag is read with .item(), the loss sums with .tolist()
+    _assert_syncs_only_every([[c for c in calls if c != "item"] for calls in step_calls], 4, 20)
+    assert [calls.count("item") for calls in step_calls] == [0] + [1] * 19 + [0]  # the polls of steps 1-19
     assert set(modes) == {(0, True)}
-    assert reduced.count(1) == 5  # the abort flag: steps 0, 4, 8, 12, 16 of 20
+    assert reduced.count(1) == 20  # the abort flag, at every step
 
 
 def test_nonfinite_loss_is_still_caught(monkeypatch, tmp_path):
