@@ -19,7 +19,7 @@ from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_for
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
 from .occupancy import OccupancyGrid, cell_means
-from .render import corrupt, project_volumes, rotated_points
+from .render import corrupt, pack_rows, project_volumes, rotated_points
 
 
 class ModelConfig(BaseModel):
@@ -216,7 +216,7 @@ class CryoFormer(nn.Module):
             img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
         hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
                "version": None if occ is None else occ.version, "plan": None,
-               "full": occ is None or occ.is_full}
+               "full": occ is None or occ.is_full, "support": keep.view(box, box, box)}
         self._lattices[key] = hit
         return hit
 
@@ -259,7 +259,8 @@ class CryoFormer(nn.Module):
             plan = self._plan(lat)
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
-        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset)
+        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset,
+                               support=None if lat["full"] else lat["support"])
 
     def _render_rotated(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
         """The paper's form: the field at each image's rotated lattice, summed along z.
@@ -273,10 +274,7 @@ class CryoFormer(nn.Module):
         out = torch.zeros(b, box * box, device=world.device, dtype=torch.float32)
         if lat["full"]:
             return out.index_add_(1, lat["image_pix"], self.evaluate(world, kv).float()).view(b, box, box)
-        keep = self.occupancy.lookup(world, self.cfg.box)                      # skip empty cells
-        width = max(1, int(keep.sum(1).max()))
-        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]  # occupied first
-        valid = torch.gather(keep, 1, order)
+        order, valid = pack_rows(self.occupancy.lookup(world, self.cfg.box))   # skip empty cells
         pts = torch.gather(world, 1, order.unsqueeze(-1).expand(-1, -1, 3))
         dens = self.evaluate(pts, kv).float() * valid
         flat = lat["image_pix"][order] + (torch.arange(b, device=world.device) * box * box).unsqueeze(1)

@@ -12,6 +12,7 @@ from cryoformer.decoder import point_attention_explicit, point_attention_fused
 from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.occupancy import OccupancyGrid, cell_means, cells_for
 from cryoformer.poses import random_rotations as _np_rotations
+from cryoformer.render import pack_rows
 
 def random_rotations(n: int, seed: int) -> torch.Tensor:
     return torch.as_tensor(_np_rotations(n, np.random.default_rng(seed)), dtype=torch.float32)
@@ -173,3 +174,32 @@ def test_occupancy_cells_follow_the_pixel_size():
     with pytest.raises(ValueError, match="positive"):
         cells_for(32, 3.0, 0.0)
     assert math.isclose(32 / cells_for(32, 4.0, 8.0), 2.0)
+
+
+def test_pack_rows_lists_each_rows_true_columns_in_order():
+    keep = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    order, valid = pack_rows(keep)
+    assert valid.tolist() == [[True, True, True], [False, False, False], [True, False, False]]
+    assert order[0].tolist() == [1, 2, 4] and order[2, 0] == 0
+
+
+@pytest.mark.parametrize("offset", [None, (0.3, -0.45, 0.1)])
+def test_projection_of_occupied_columns_equals_the_full_projection(offset):
+    """A map that is zero outside a mask projects the same whether every lattice point is sampled or only
+    those whose trilinear samples can reach the mask."""
+    from cryoformer.lattice import image_plane_points
+    from cryoformer.render import project_volumes
+
+    torch.manual_seed(6)
+    box = 16
+    support = torch.zeros(box, box, box, dtype=torch.bool)
+    support[3:9, 5:12, 6:10] = True
+    support[10:13, 2:5, :] = True                        # reaching the box's faces
+    vols = torch.randn(3, box, box, box) * support
+    rot = random_rotations(3, seed=6)
+    pts, pix = image_plane_points(box, radius=box / 2.0 + 2.0)
+    off = None if offset is None else torch.tensor(offset)
+    full = project_volumes(vols, rot, pts, pix, off)
+    fast = project_volumes(vols, rot, pts, pix, off, support=support)
+    assert full.abs().max() > 1
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
