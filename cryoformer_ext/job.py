@@ -100,7 +100,8 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
 
 
 def occupancy_cells_for(tb: int, pixel_size_A: float, config: JobConfig) -> int:
-    return cells_for(tb, pixel_size_A, config.occupancy_cell_A, OCCUPANCY_CELL_PX)
+    """Cells per axis of the occupancy grid of a job (``occupancy_cell_A`` 0: cells of a fixed pixel size)."""
+    return cells_for(tb, pixel_size_A, config.occupancy_cell_A or None, OCCUPANCY_CELL_PX)
 
 
 def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
