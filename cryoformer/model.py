@@ -19,7 +19,7 @@ from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_for
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
 from .occupancy import OccupancyGrid, cell_means
-from .render import corrupt, pack_rows, project_volumes, rotated_points
+from .render import corrupt, pack_rows, project_volumes, rotated_points, sample_reach
 
 
 class ModelConfig(BaseModel):
@@ -216,7 +216,7 @@ class CryoFormer(nn.Module):
             img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
         hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
                "version": None if occ is None else occ.version, "plan": None,
-               "full": occ is None or occ.is_full, "support": keep.view(box, box, box)}
+               "full": occ is None or occ.is_full, "reach": sample_reach(keep.view(box, box, box))}
         self._lattices[key] = hit
         return hit
 
@@ -260,7 +260,7 @@ class CryoFormer(nn.Module):
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
         return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset,
-                               support=None if lat["full"] else lat["support"])
+                               reach=None if lat["full"] else lat["reach"])
 
     def _render_rotated(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
         """The paper's form: the field at each image's rotated lattice, summed along z.

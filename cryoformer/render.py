@@ -53,29 +53,39 @@ def pack_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.arange(width, device=keep.device).unsqueeze(0) < counts.unsqueeze(1)
 
 
-def support_lookup(support: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
-    """Whether trilinear samples at ``world`` (..., 3) voxel coordinates of a map can be nonzero, given the
-    map's nonzero voxels ``support`` (D, D, D) bool: the nearest voxel lies in ``support`` grown by one
-    voxel (every voxel of a point's trilinear cell is within one voxel of its nearest one)."""
-    box = support.shape[-1]
-    grown = F.max_pool3d(support.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
-    u = torch.round(world.float()).long() + box // 2
-    inside = ((u >= -1) & (u <= box)).all(-1)   # a point rounding just outside still reaches the edge voxel
-    u = u.clamp(0, box - 1)
-    return grown.view(-1)[(u[..., 2] * box + u[..., 1]) * box + u[..., 0]] & inside
+def sample_reach(support: torch.Tensor) -> torch.Tensor:
+    """From a map's possibly nonzero voxels ``support`` (D, D, D) bool, the nearest voxels at which a
+    trilinear sample can be nonzero: ``support`` grown by one voxel (every voxel of a point's trilinear
+    cell is within one voxel of its nearest one), on a grid padded by two voxels, (D+4)^3: the first layer
+    repeats the edge (a point rounding to just outside still reaches the edge voxel), the second is never
+    reached. Made once per occupancy state, looked up every step (:func:`reach_lookup`)."""
+    grown = F.max_pool3d(support.float()[None, None], 3, stride=1, padding=1)
+    edge = F.pad(grown, (1,) * 6, mode="replicate")[0, 0]
+    return F.pad(edge, (1,) * 6) > 0
+
+
+def reach_lookup(reach: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
+    """Whether trilinear samples at ``world`` (..., 3) voxel coordinates can be nonzero (``reach`` from
+    :func:`sample_reach`). Points beyond the padded grid land on its outer layer, which is never reached."""
+    g = reach.shape[-1]                                   # D + 4
+    u = (torch.round(world.float()) + (g - 4) // 2 + 2).clamp_(0, g - 1)
+    if g ** 3 > 1 << 24:                                  # fp32 holds the flat index exactly up to D = 252
+        u = u.long()
+    idx = (u[..., 2] * g + u[..., 1]) * g + u[..., 0]
+    return reach.view(-1)[idx.long()]
 
 
 def project_volumes(volumes: torch.Tensor, rot: torch.Tensor, points: torch.Tensor | None = None,
                     pixels: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    support: torch.Tensor | None = None) -> torch.Tensor:
+                    reach: torch.Tensor | None = None) -> torch.Tensor:
     """Line integrals along the image z axis of maps ``V[z, y, x]`` (B or 1, D, D, D) in poses ``rot`` (B, 3, 3).
 
     The maps are sampled trilinearly at the rotated image-plane lattice ``points`` (P, 3) (voxel units;
     default: the whole D^3 cube) and summed into their image pixels ``pixels`` (P,). Restricting the
     lattice to the inscribed sphere halves the work and changes nothing where the maps vanish outside it.
     ``offset`` (3,) voxels: the maps' voxel ``i`` holds the density at ``x_i + offset`` (a jittered grid).
-    ``support`` (D, D, D) bool: the voxels where the maps may be nonzero (an occupancy mask); only the
-    lattice points whose samples can be nonzero are sampled (the rest would add 0).
+    ``reach``: :func:`sample_reach` of the voxels where the maps may be nonzero (an occupancy mask); only
+    the lattice points whose samples can be nonzero are sampled (the rest would add 0).
     """
     b, box = rot.shape[0], volumes.shape[-1]
     if points is None:
@@ -85,8 +95,8 @@ def project_volumes(volumes: torch.Tensor, rot: torch.Tensor, points: torch.Tens
     if offset is not None:
         world = world - offset.float()
     weight = None
-    if support is not None:                                                  # occupied columns only
-        order, weight = pack_rows(support_lookup(support, world))
+    if reach is not None:                                                    # occupied columns only
+        order, weight = pack_rows(reach_lookup(reach, world))
         world = torch.gather(world, 1, order.unsqueeze(-1).expand(-1, -1, 3))
         pixels = pixels[order] + (torch.arange(b, device=world.device) * box * box).unsqueeze(1)
     # grid_sample uses align_corners=True coordinates in [-1, 1] over the index range 0..D-1
