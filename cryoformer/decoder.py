@@ -101,11 +101,13 @@ def point_attention_fused(qn: torch.Tensor, keys: torch.Tensor, values: torch.Te
     b = keys.shape[0]
     if qn.dim() == 2:                                  # points shared by the images (canonical grid)
         qn = qn.unsqueeze(0).expand(b, -1, -1)
-    dt = values.dtype
-    # one head: (B, 1, P, C); the temperature and 1/sqrt(C) are in qn already, hence scale=1
-    out = F.scaled_dot_product_attention(qn.to(dt).unsqueeze(1), keys.to(dt).unsqueeze(1),
-                                         values.unsqueeze(1), scale=1.0)
-    return out.squeeze(1)
+    # fp32: with bf16 inputs a 2-rank CPU-bf16 run's maps drifted from the 1-rank run's (correlation 0.91
+    # after 6 steps, 0.99 in fp32). One head: (B, 1, P, C); the temperature and 1/sqrt(C) are in qn
+    # already, hence scale=1.
+    with torch.autocast(keys.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(qn.float().unsqueeze(1), keys.float().unsqueeze(1),
+                                             values.float().unsqueeze(1), scale=1.0)
+    return out.squeeze(1).to(values.dtype)
 
 
 class SpatialDensityHead(nn.Module):
@@ -162,7 +164,9 @@ class SpatialDensityHead(nn.Module):
         with torch.profiler.record_function("cf:point_attention"):
             if self.mode == "point":
                 qn, u = query                                                 # u = W1 q + b1
-                if return_attention or not self.fused:
+                # under autocast (bf16 on a GPU) the explicit form, whose bf16-vs-fp32 maps gpu_check's
+                # dry run validated; the fused kernel there gave maps further from fp32 (0.78 vs 0.86)
+                if return_attention or not self.fused or torch.is_autocast_enabled(qn.device.type):
                     o, a = point_attention_explicit(qn, keys, values)
                 else:
                     o, a = point_attention_fused(qn, keys, values), None

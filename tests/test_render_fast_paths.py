@@ -214,3 +214,21 @@ def test_job_parameter_sets_the_cells_per_axis():
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "4"})) == 32
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "0"})) == 16
     assert occupancy_cells_for(64, 2.0, JobConfig()) == 16
+
+
+def test_autocast_keeps_the_explicit_attention(monkeypatch):
+    """Under bf16 autocast the head takes the explicit form (the one the bf16 precision checks cover);
+    in fp32 it takes the fused kernel."""
+    import cryoformer.decoder as decoder
+
+    calls = []
+    real = decoder.point_attention_fused
+    monkeypatch.setattr(decoder, "point_attention_fused", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(7)
+    model = CryoFormer(ModelConfig(**SMALL)).eval()
+    with torch.no_grad():
+        model.volume(None)
+        assert calls == [1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.volume(None)
+    assert calls == [1]
