@@ -3,7 +3,9 @@
 Runs on whatever device is present (CPU here; CUDA + bf16 autocast on a GPU machine). Each box size is
 measured in a fresh subprocess so that peak RSS belongs to that size alone. ``--baseline REF`` measures
 the code of that git ref too (a temporary worktree), one after the other in the same run, and writes
-the ratio of the two throughputs. Writes ``bench/results/train_<device>.json``.
+the ratio of the two throughputs, by wall time and by the process's CPU time (on a shared machine the
+wall time includes waiting for a core; the load average is written with each row). Writes
+``bench/results/train_<device>.json``.
 
 A model that renders only its occupied cells measures its steady state: its occupancy grid is set from
 the simulated molecule's five conformations with the training defaults (threshold, margin), which is what
@@ -55,14 +57,16 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     mcfg = default_model_config(data, job, estimate_data_scale(data, box))
     extra: dict = {}
     steps: list[float] = []
-    last = [time.perf_counter()]
+    cpu_steps: list[float] = []
+    last = [time.perf_counter(), time.process_time()]
 
     def hook(epoch: int, step: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         steps.append(now - last[0])
-        last[0] = now
+        cpu_steps.append(cpu - last[1])
+        last[0], last[1] = now, cpu
 
     import tempfile
 
@@ -76,10 +80,15 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
         wall = time.perf_counter() - t0
     timed = steps[1:] if len(steps) > 1 else steps  # the first step includes warm-up
     per_img = sum(timed) / (len(timed) * batch)
+    # CPU seconds of this process (all its threads): on a machine shared with other jobs the wall time
+    # includes waiting for a core, the CPU time much less so
+    cpu_timed = cpu_steps[1:] if len(cpu_steps) > 1 else cpu_steps
+    cpu_per_img = sum(cpu_timed) / (len(cpu_timed) * batch)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "box": box, "device": str(device), "threads": torch.get_num_threads(), "batch_size": batch,
         "images_timed": len(timed) * batch, "images_per_s": 1.0 / per_img,
+        "images_per_cpu_s": 1.0 / cpu_per_img, "load_average_1min": os.getloadavg()[0],
         "time_per_epoch_100k_particles_h": 1e5 * per_img / 3600.0,
         "wall_s_including_setup": wall, "peak_rss_GB": rss_kb / 1024 ** 2,
         "sphere_points_per_image": int(0.5236 * box ** 3),
@@ -118,8 +127,10 @@ def run_children(code_root: Path | None, a) -> list[dict]:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         r["code"] = gitref.describe(code_root)
-        print(f"[{r['code']}] D={box}: {r['images_per_s']:.2f} images/s, {r['time_per_epoch_100k_particles_h']:.1f} h "
-              f"per 100k-particle epoch, peak RSS {r['peak_rss_GB']:.2f} GB ({r['device']}, {r['threads']} threads)",
+        print(f"[{r['code']}] D={box}: {r['images_per_s']:.2f} images/s ({r['images_per_cpu_s']:.2f} per CPU s), "
+              f"{r['time_per_epoch_100k_particles_h']:.1f} h "
+              f"per 100k-particle epoch, peak RSS {r['peak_rss_GB']:.2f} GB, sphere rendered "
+              f"{r.get('occupancy_fraction_of_sphere') or 1.0:.0%} ({r['device']}, {r['threads']} threads)",
               flush=True)
     return rows
 
@@ -151,8 +162,11 @@ def main() -> None:
         base = {r["box"]: r for r in results["baseline"]["results"]}
         results["speedup"] = {str(r["box"]): r["images_per_s"] / base[r["box"]]["images_per_s"]
                               for r in rows if r["box"] in base}
+        results["speedup_cpu_time"] = {str(r["box"]): r["images_per_cpu_s"] / base[r["box"]]["images_per_cpu_s"]
+                                       for r in rows if r["box"] in base}
         for box, ratio in results["speedup"].items():
-            print(f"D={box}: {ratio:.1f}x the images/s of {a.baseline}")
+            print(f"D={box}: {ratio:.1f}x the images/s of {a.baseline} "
+                  f"({results['speedup_cpu_time'][box]:.1f}x per CPU second)")
     RESULTS.mkdir(exist_ok=True)
     dev = rows[0]["device"].split(":")[0] if rows else "cpu"
     out = RESULTS / f"{a.out or 'train_' + dev}.json"

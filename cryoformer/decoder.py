@@ -85,6 +85,31 @@ class StructureDecoder(nn.Module):
         return self.norm(t)
 
 
+def point_attention_explicit(qn: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(qn K^T) V`` with the (B, P, N) weights materialised: the form that can hand the attention
+    map to the analysis. ``qn`` (P, C) or (B, P, C) is already scaled; the softmax runs in fp32."""
+    logits = torch.matmul(qn, keys.transpose(1, 2))                           # (B, P, N)
+    a = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+    return torch.matmul(a, values), a
+
+
+def point_attention_fused(qn: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The same product through ``scaled_dot_product_attention``: flash / memory-efficient kernels (GPU)
+    and the fused CPU kernel never hold the (B, P, N) logits and weights, which at one point per voxel
+    are the largest tensors of a step, in the forward or for the backward."""
+    b = keys.shape[0]
+    if qn.dim() == 2:                                  # points shared by the images (canonical grid)
+        qn = qn.unsqueeze(0).expand(b, -1, -1)
+    # fp32: with bf16 inputs a 2-rank CPU-bf16 run's maps drifted from the 1-rank run's (correlation 0.91
+    # after 6 steps, 0.99 in fp32). One head: (B, 1, P, C); the temperature and 1/sqrt(C) are in qn
+    # already, hence scale=1.
+    with torch.autocast(keys.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(qn.float().unsqueeze(1), keys.float().unsqueeze(1),
+                                             values.float().unsqueeze(1), scale=1.0)
+    return out.squeeze(1).to(values.dtype)
+
+
 class SpatialDensityHead(nn.Module):
     """Hash-grid features of points + per-image tokens T -> density at those points."""
 
@@ -93,6 +118,8 @@ class SpatialDensityHead(nn.Module):
         super().__init__()
         self.mode = mode
         self.tokens, self.dim = tokens, dim
+        # point form through scaled_dot_product_attention (False: the explicit product, as a reference)
+        self.fused = True
         out = dim if mode == "point" else tokens * dim
         # the paper's "tiny MLP with one layer and hidden dimension 16" after the hash grid
         self.spatial = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
@@ -137,9 +164,13 @@ class SpatialDensityHead(nn.Module):
         with torch.profiler.record_function("cf:point_attention"):
             if self.mode == "point":
                 qn, u = query                                                 # u = W1 q + b1
-                logits = torch.matmul(qn, keys.transpose(1, 2))               # (B, P, N)
-                a = torch.softmax(logits.float(), dim=-1).to(u.dtype)
-                h = self.ffn[1](torch.matmul(a, values) + u)                  # ReLU(W1 (a V + q) + b1)
+                # under autocast (bf16 on a GPU) the explicit form, whose bf16-vs-fp32 maps gpu_check's
+                # dry run validated; the fused kernel there gave maps further from fp32 (0.78 vs 0.86)
+                if return_attention or not self.fused or torch.is_autocast_enabled(qn.device.type):
+                    o, a = point_attention_explicit(qn, keys, values)
+                else:
+                    o, a = point_attention_fused(qn, keys, values), None
+                h = self.ffn[1](o.to(u.dtype) + u)                            # ReLU(W1 (a V + q) + b1)
                 dens = self.ffn[2](h).squeeze(-1)
                 return (dens, a) if return_attention else dens
             (fs,) = query

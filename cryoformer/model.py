@@ -19,7 +19,7 @@ from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_for
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
 from .occupancy import OccupancyGrid, cell_means
-from .render import corrupt, project_volumes, rotated_points
+from .render import corrupt, pack_rows, project_volumes, rotated_points, sample_reach
 
 
 class ModelConfig(BaseModel):
@@ -227,12 +227,19 @@ class CryoFormer(nn.Module):
             img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
         hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
                "version": None if occ is None else occ.version, "plan": None,
-               "full": occ is None or occ.is_full}
-        if self.cfg.render == "canonical" and not self.grid.uses_tcnn(pts) \
-                and plan_bytes(len(vox), self.grid.n_levels) <= PLAN_BYTES:
-            hit["plan"] = make_plan(self.grid, pts[vox] / self.cfg.box + 0.5)
+               "full": occ is None or occ.is_full, "reach": sample_reach(keep.view(box, box, box))}
         self._lattices[key] = hit
         return hit
+
+    def _plan(self, lat: dict) -> HashGridPlan | None:
+        """The hash grid's corners of a lattice's voxels, made on first use and kept with the lattice.
+
+        Made lazily: training with the sub-voxel jitter never uses it (its points move every step), only
+        unjittered evaluation and map export do, and it can take up to ``PLAN_BYTES``."""
+        if lat["plan"] is None and not self.grid.uses_tcnn(lat["voxel_pts"]) \
+                and plan_bytes(len(lat["voxels"]), self.grid.n_levels) <= PLAN_BYTES:
+            lat["plan"] = make_plan(self.grid, lat["voxel_pts"] / self.cfg.box + 0.5)
+        return lat["plan"]
 
     # ---------------------------------------------------------------- rendering
     def render(self, tokens: torch.Tensor, rot: torch.Tensor, box: int | None = None,
@@ -255,31 +262,34 @@ class CryoFormer(nn.Module):
         R3 low-discrepancy sequence of the step number, so they cover the voxel evenly, use no random
         state, and a resumed or data-parallel run uses the same ones."""
         b = kv[0].shape[0]
-        pts, plan, offset = lat["voxel_pts"], lat["plan"], None
+        pts, plan, offset = lat["voxel_pts"], None, None
         if step is not None and self.cfg.jitter > 0 and self.training and torch.is_grad_enabled():
             offset = jitter_offset(step, pts.device) * self.cfg.jitter          # voxels of ``box``
-            pts, plan = pts + offset * (self.cfg.box / box), None
+            pts = pts + offset * (self.cfg.box / box)
+        else:
+            plan = self._plan(lat)
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
-        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset)
+        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset,
+                               reach=None if lat["full"] else lat["reach"])
 
     def _render_rotated(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
         """The paper's form: the field at each image's rotated lattice, summed along z.
 
-        With an occupancy grid only the points in occupied cells are evaluated, image by image (one call
-        per image was faster on a CPU than one call on all images' points, measured)."""
+        With an occupancy grid only the points in occupied cells are evaluated: one gather of each
+        image's occupied points (padded to the largest count of the batch, the padding weighted 0), one
+        evaluation over the batch, one ``index_add`` back. One host synchronisation per step (the
+        largest count), not one per image, and a single call keeps the GPU's kernels full."""
         b = kv[0].shape[0]
         world = rotated_points(lat["image_pts"], rot) * (self.cfg.box / box)   # training-box pixels
         out = torch.zeros(b, box * box, device=world.device, dtype=torch.float32)
         if lat["full"]:
             return out.index_add_(1, lat["image_pix"], self.evaluate(world, kv).float()).view(b, box, box)
-        keep = self.occupancy.lookup(world, self.cfg.box)                      # skip empty cells
-        rows = []
-        for i in range(b):
-            sel = torch.nonzero(keep[i]).squeeze(1)
-            dens = self.evaluate(world[i, sel].unsqueeze(0), (kv[0][i:i + 1], kv[1][i:i + 1]))[0].float()
-            rows.append(torch.zeros(box * box, device=world.device).index_add(0, lat["image_pix"][sel], dens))
-        return torch.stack(rows).view(b, box, box)
+        order, valid = pack_rows(self.occupancy.lookup(world, self.cfg.box))   # skip empty cells
+        pts = torch.gather(world, 1, order.unsqueeze(-1).expand(-1, -1, 3))
+        dens = self.evaluate(pts, kv).float() * valid
+        flat = lat["image_pix"][order] + (torch.arange(b, device=world.device) * box * box).unsqueeze(1)
+        return out.view(-1).index_add_(0, flat.reshape(-1), dens.reshape(-1)).view(b, box, box)
 
     # ---------------------------------------------------------------- training step
     def forward(self, images: torch.Tensor, ctf_params: torch.Tensor | None, rot: torch.Tensor | None,
@@ -338,7 +348,7 @@ class CryoFormer(nn.Module):
         kv = self.head.keys_values(tokens)
         vol = torch.zeros(box ** 3, device=self.points.device)
         if not attention:
-            vol[lat["voxels"]] = self.evaluate(lat["voxel_pts"], kv, lat["plan"])[0].float()
+            vol[lat["voxels"]] = self.evaluate(lat["voxel_pts"], kv, self._plan(lat))[0].float()
             return vol.view(box, box, box) * self.cfg.data_scale
         att = torch.zeros(box ** 3, self.cfg.tokens, device=vol.device)
         step = self._chunk(1)
@@ -354,9 +364,10 @@ class CryoFormer(nn.Module):
         """Re-estimate the occupancy grid from the field: the union over the latents ``z`` (K, zdim) of the
         cells whose mean |density| exceeds ``threshold`` x the largest, grown by ``margin`` cells.
 
-        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel), so a
-        cell that was empty can only come back through the margin of a neighbour with density.
-        Returns the occupied fraction of the training sphere."""
+        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel, never
+        coarser than a cell, so that every cell is looked at), so a cell that was empty can only come back
+        through the margin of a neighbour with density. The position-only part of the field is evaluated
+        once and attended by each latent's tokens. Returns the occupied fraction of the training sphere."""
         occ = self.occupancy
         was_training = self.training
         self.eval()
@@ -364,15 +375,25 @@ class CryoFormer(nn.Module):
         lat = self._lattice(box)
         pts = lat["voxel_pts"]
         vox = lat["voxels"]
+        stride = max(1, min(stride, box // occ.cells))
         if stride > 1:
             sub = ((pts + box // 2).long() % stride == 0).all(-1)
             pts, vox = pts[sub], vox[sub]
         zs = [None] if z is None or self.cfg.zdim == 0 else list(z)
         best = torch.zeros(occ.cells ** 3, device=pts.device)
+        shared = self.cfg.attention == "point"
+        query = self.field_query(pts) if shared else None
         for zi in zs:
-            tokens = self.tokens_from_latent(None if zi is None else zi.view(1, -1), 1)
-            dens = self.evaluate(pts, self.head.keys_values(tokens)).float()
+            kv = self.head.keys_values(self.tokens_from_latent(None if zi is None else zi.view(1, -1), 1))
+            dens = (self._attend_chunked(query, kv) if shared else self.evaluate(pts, kv)).float()
             best = torch.maximum(best, cell_means(dens, box, occ, vox)[0].abs())
         occ.update(best.view((occ.cells,) * 3), threshold, margin)
         self.train(was_training)
         return occ.sphere_fraction(box)
+
+    def _attend_chunked(self, query: tuple[torch.Tensor, ...], kv) -> torch.Tensor:
+        """Density (B, P) of position-only features ``query`` (P, ...) shared by the images of ``kv``, in
+        memory-sized pieces (inference: nothing is kept for a backward)."""
+        step = self._chunk(kv[0].shape[0])
+        n = query[0].shape[0]
+        return torch.cat([self.head.attend(tuple(t[s:s + step] for t in query), kv) for s in range(0, n, step)], 1)

@@ -93,6 +93,29 @@ class OccupancyGrid(nn.Module):
         return float(self.lookup(pts[inside], box).float().mean())
 
 
+# a cell is never smaller than this many training-box pixels: the estimate looks at every second voxel
+# of the lattice, and a finer cell would sit inside one voxel's trilinear support
+MIN_CELL_PX = 2
+
+
+def cells_for(box: int, pixel_size_A: float, cell_A: float | None, cell_px: int = 4) -> int:
+    """Cells per axis of a grid over a ``box`` of ``pixel_size_A`` pixels whose cells are ``cell_A`` Å wide
+    (at least ``MIN_CELL_PX`` pixels; None: ``cell_px`` pixels, the size regardless of the pixel).
+
+    A cell in pixels is coarse where the box is small: 4 px at box 32 of a 3 Å pixel is 12 Å, and with a
+    one-cell margin the grid rendered 40-47 % of the sphere around a molecule whose conformations together
+    fill 12 %. A physical cell follows the molecule's shape at every training box."""
+    if box < 1 or pixel_size_A <= 0:
+        raise ValueError(f"occupancy grid of a {box}-pixel box of {pixel_size_A} Å pixels")
+    if cell_A is None:
+        px = float(cell_px)
+    else:
+        if cell_A <= 0:
+            raise ValueError(f"occupancy cell size must be positive, got {cell_A} Å")
+        px = max(float(MIN_CELL_PX), cell_A / pixel_size_A)
+    return max(1, int(round(box / px)))
+
+
 def dilate(mask: torch.Tensor, margin: int) -> torch.Tensor:
     """Grow a boolean 3-D mask by ``margin`` cells (a cube structuring element)."""
     if margin <= 0:

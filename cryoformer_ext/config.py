@@ -53,8 +53,11 @@ class JobConfig(BaseModel):
     encoder_box: int | None = Field(
         None, ge=8, description="the deformation encoder sees the image Fourier-cropped to this box (a low-pass; "
         "even); default: the training box")
-    occupancy: bool = Field(True, description="render only occupied cells of a coarse grid (4 px cells) "
-                            "estimated from the field; 0 elsewhere")
+    occupancy: bool = Field(True, description="render only occupied cells of a coarse grid estimated from the "
+                            "field; 0 elsewhere")
+    occupancy_cell_A: float = Field(
+        0.0, ge=0, description="edge of an occupancy-grid cell in Å (at least 2 training-box pixels); 0 = 4 "
+        "training-box pixels whatever the pixel size")
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
     occupancy_refresh: int = Field(10000, ge=1, description="images between re-estimates of the occupancy grid "
                                    "(first one after 2000 images or the first epoch)")

@@ -22,6 +22,7 @@ from cryoformer.data import ParticleData
 from cryoformer.distributed import current as dist_current
 from cryoformer.infer import Reconstruction
 from cryoformer.model import ModelConfig
+from cryoformer.occupancy import cells_for
 from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, estimate_data_scale, load_checkpoint, train
 
 from .analysis import AnalysisResult, MapRecord, analyze
@@ -43,7 +44,7 @@ ENCODE_CHUNK = 8192  # particles encoded between two abort checks
 MEASURED_FIELDS = frozenset({"data_scale"})
 #: the job parameter behind a ModelConfig field whose name is not a parameter's
 PARAMETER_OF = {"box": "train_box", "pixel_size_A": "train_box", "pose_mode": "poses", "heads": "channels",
-                "occupancy_cells": "occupancy"}
+                "occupancy_cells": "occupancy_cell_A"}
 
 
 class JobAborted(RuntimeError):
@@ -108,7 +109,12 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
         enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
         hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
         encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
-        occupancy_cells=max(1, tb // OCCUPANCY_CELL_PX) if config.occupancy else 0)
+        occupancy_cells=occupancy_cells_for(tb, data.pixel_size_A * data.box / tb, config) if config.occupancy else 0)
+
+
+def occupancy_cells_for(tb: int, pixel_size_A: float, config: JobConfig) -> int:
+    """Cells per axis of the occupancy grid of a job (``occupancy_cell_A`` 0: cells of a fixed pixel size)."""
+    return cells_for(tb, pixel_size_A, config.occupancy_cell_A or None, OCCUPANCY_CELL_PX)
 
 
 def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
