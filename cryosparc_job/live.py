@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cryoformer_ext import cs_io
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig, JobConfigError
-from cryoformer_ext.imagestack import ImageStackError
+from cryoformer_ext.formats.mrc_stack import ImageStackError
 
 from .common import (
     Engine,
@@ -231,11 +231,8 @@ def run_live(settings: LiveSettings, config: JobConfig, *, cs: Any = None, engin
         parts = cs_io.particles_from_dataset(dset, project_dir, source=f"{settings.project} {src_job}.{src_output}")
         for w in parts.warnings:
             jlog.warning(w)
-        config, use_poses = pose_config(config, parts.data.has_poses, jlog)
-        data = parts.data
-        if not use_poses:
-            data.rot = None
-            data.shift_px = None
+        config, data = pose_config(config, parts.data, jlog)
+        use_poses = data.has_poses
         jlog(f"{len(data)} particles from {src_job}.{src_output}: box {data.box} px, {data.pixel_size_A:.4g} Å/px, "
              f"poses {'from alignments3D' if use_poses else 'predicted by the orientation encoder'}")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cryoformer_ext import cs_io
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig
 
 from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps, solvent_mask
@@ -86,7 +86,7 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
                 should_abort: Callable[[], bool] = lambda: False) -> OfflineResult:
     """Run cryoFormer on a ``.cs`` particle file and write cryoSPARC-importable results into ``out_dir``.
 
-    Raises :class:`cryoformer_ext.cs_io.CsInputError` (bad input, checked before any training) and
+    Raises :class:`cryoformer_ext.formats.cs.CsInputError` (bad input, checked before any training) and
     whatever the engine raises.
     """
     particles_cs = Path(particles_cs)
@@ -97,11 +97,8 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
                                          require_ctf=config.ctf)
     for w in parts.warnings:
         log(f"warning: {w}")
-    config, use_poses = pose_config(config, parts.data.has_poses, log)
-    data = parts.data
-    if not use_poses and data.has_poses:
-        data.rot = None
-        data.shift_px = None
+    config, data = pose_config(config, parts.data, log)
+    use_poses = data.has_poses
     log(f"{len(data)} particles from {particles_cs}: box {data.box} px, {data.pixel_size_A:.4g} Å/px, "
         f"{len(parts.stack_files)} stack files, poses {'from alignments3D' if use_poses else 'predicted'}")
 

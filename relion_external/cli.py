@@ -167,7 +167,7 @@ def _node_name(path: Path, out_dir: Path) -> str:
 def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
         should_abort: Callable[[], bool] | None = None) -> str | None:
     """The job proper; returns the exit file name to write (None: a torchrun rank > 0). Raises on errors."""
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     cwd = Path.cwd()
     version = _nodes.detect_version(out_dir)
@@ -205,16 +205,14 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
             f"poses: {'yes' if rec.has_poses else 'no'}, CTF: {'yes' if rec.has_ctf else 'no'}")
     for w in rec.warnings:
         log.out(f"note: {w}")
-    if not rec.has_poses:
-        if "poses" in params and config.poses != "predict":
-            raise JobConfigError(f"poses = {config.poses} needs particle orientations, but {in_parts} has no "
-                                 "rlnAngleRot/rlnAngleTilt/rlnAnglePsi; use poses = predict")
-        if config.poses != "predict":
-            log.out("the particles have no orientations: poses = predict")
-            config.poses = "predict"
+    chosen = config.for_particles(rec.has_poses, explicit="poses" in params,
+                                  missing=f"{in_parts} has no rlnAngleRot/rlnAngleTilt/rlnAnglePsi")
+    if chosen.poses != config.poses:
+        log.out("the particles have no orientations: poses = predict")
+    config = chosen
     log.out("settings: " + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()))
 
-    from cryoformer_ext.job import JobAborted, run_job
+    from cryoformer_ext.job.run import JobAborted, run_job
 
     abort = should_abort or (lambda: _nodes.abort_requested(out_dir))
     try:

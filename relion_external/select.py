@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.star_io import CLASS_LABEL, StarFileError, read_particles_star
-from cryoformer_ext.subset_io import write_star_subset
+from cryoformer_ext.formats.star import CLASS_LABEL, StarFileError, read_particles_star
+from cryoformer_ext.formats.subsets import write_star_subset
 
 from . import nodes as _nodes
 
@@ -31,7 +31,7 @@ def wanted(opts: dict[str, str | None]) -> bool:
 
 
 def _classes(value: str | None) -> list[int]:
-    from cryoformer_ext.job_files import JobFilesError, parse_int_list
+    from cryoformer_ext.jobdir import JobFilesError, parse_int_list
 
     from .cli import UsageError
 

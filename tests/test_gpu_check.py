@@ -61,13 +61,13 @@ def test_skipped_and_timed_out_checks_are_reported_apart(capsys):
 
 def test_bench_default_model_is_the_jobs():
     """The benchmarks build the job's model without importing the job layer (mrcfile may be absent on a GPU
-    machine): the same ModelConfig as ``cryoformer_ext.job.model_config_for``."""
+    machine): the same ModelConfig as ``cryoformer_ext.job.run.model_config_for``."""
     from default_model import default_model_config
 
     from cryoformer.data import ArraySource, ParticleData
     from cryoformer.simulate import simulate
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for
+    from cryoformer_ext.job.run import model_config_for
 
     sim = simulate(4, 32, pixel_size_A=4.0, seed=0)
     data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)

@@ -14,8 +14,8 @@ import pickletools
 import numpy as np
 import pytest
 
-from cryoformer_ext.cryodrgn_io import write_ind_pkl, write_z_pkl
-from cryoformer_ext.latent_paths import NoPathError, graph_path, resample_path, straight_line
+from cryoformer_ext.formats.cryodrgn import write_ind_pkl, write_z_pkl
+from cryoformer_ext.analysis.paths import NoPathError, graph_path, resample_path, straight_line
 
 # (file, anchors, max_neighbors, avg_neighbors) -> (path, total distance, cut-off) as printed by cryoDRGN
 CRYODRGN_PATHS = [

@@ -40,8 +40,8 @@ from cryosparc.dataset import Dataset
 
 from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import cryosparc_pose_to_rot, rot_to_cryosparc_pose
-from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
-from cryoformer_ext.outputs import atomic_path, atomic_write_text
+from cryoformer_ext.formats.mrc_stack import ImageStackError, MrcStackSource
+from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text
 from cryoformer_ext.config import NO_CTF_HINT
 
 

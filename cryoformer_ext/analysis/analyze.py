@@ -17,13 +17,13 @@
 * ``attention_argmax.mrc`` / ``attention_maxweight.mrc`` - which structure query (0-based token index)
   the decoder's point attention assigns each voxel to at the consensus latent, and with what weight,
 * ``solvent_mask.mrc`` - a soft solvent mask (RELION's ``relion_mask_create`` rule,
-  :mod:`cryoformer_ext.solvent_mask`) of the voxel-wise maximum over the consensus and k-means maps, so
+  :mod:`cryoformer_ext.analysis.solvent_mask`) of the voxel-wise maximum over the consensus and k-means maps, so
   that no state is cut; it is the mask the next RELION or cryoSPARC job takes,
 * ``occupancy_mask.mrc`` - the model's occupancy grid (where it renders density at all; an acceleration
   structure with hard 4-px cells, kept for inspection, not a solvent mask),
-* a UMAP embedding (``umap.npy``) for every heterogeneous job with zdim >= 2 (:mod:`cryoformer_ext.umap_embed`),
+* a UMAP embedding (``umap.npy``) for every heterogeneous job with zdim >= 2 (:mod:`cryoformer_ext.analysis.umap_embed`),
 * ``z.pkl`` - the latents in cryoDRGN's format, and ChimeraX scripts ``chimerax/*.cxc`` that open the maps
-  (:mod:`cryoformer_ext.chimerax`),
+  (:mod:`cryoformer_ext.formats.chimerax`),
 * PNG plots in ``plots/`` and ``summary.json`` / ``report.txt`` listing every file, the settings and timings.
 
 All files are written atomically. Rerunning into the same folder replaces the previous analysis and removes
@@ -42,13 +42,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from cryoformer.lattice import sphere_mask
-from . import chimerax as _chimerax
-from . import plots as _plots
-from .cryodrgn_io import write_z_pkl
-from .label_resample import resample_nearest
-from .solvent_mask import SoftMaskSettings, soft_mask
-from .umap_embed import umap_embedding
-from .outputs import atomic_write_text, save_npy, write_mrc
+from cryoformer_ext.formats import chimerax as _chimerax
+from cryoformer_ext.analysis import plots as _plots
+from cryoformer_ext.formats.cryodrgn import write_z_pkl
+from cryoformer_ext.analysis.label_resample import resample_nearest
+from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings, soft_mask
+from cryoformer_ext.analysis.umap_embed import umap_embedding
+from cryoformer_ext.formats.atomic import atomic_write_text, save_npy, write_mrc
 
 SUMMARY_FORMAT = "cryoformer-analysis/1"
 PC_PERCENTILES = (5.0, 95.0)

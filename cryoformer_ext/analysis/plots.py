@@ -2,7 +2,7 @@
 
 Every figure is drawn on its own :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot, so no
 global backend or figure state is touched: safe inside RELION/cryoSPARC workers and from threads) and
-saved atomically through :func:`cryoformer_ext.outputs.atomic_path`.
+saved atomically through :func:`cryoformer_ext.formats.atomic.atomic_path`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .outputs import atomic_path
+from cryoformer_ext.formats.atomic import atomic_path
 
 MAX_SCATTER_POINTS = 20000  # more points only make the PNG slower to draw, not more informative
 

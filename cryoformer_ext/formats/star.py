@@ -43,8 +43,8 @@ from pydantic import BaseModel
 from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import relion_euler_to_rot, rot_to_relion_euler
 from cryoformer_ext.config import NO_CTF_HINT
-from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
-from cryoformer_ext.outputs import atomic_write_text
+from cryoformer_ext.formats.mrc_stack import ImageStackError, MrcStackSource
+from cryoformer_ext.formats.atomic import atomic_write_text
 
 LATENT_PREFIX = "rlnCryoformerZ"
 CLASS_LABEL = "rlnClassNumber"

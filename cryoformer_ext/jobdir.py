@@ -186,7 +186,7 @@ class InputScale(BaseModel):
 
 
 def write_input_scale(job_dir: str | os.PathLike, scale: InputScale) -> Path:
-    from .outputs import atomic_write_text
+    from cryoformer_ext.formats.atomic import atomic_write_text
 
     return atomic_write_text(Path(job_dir) / INPUT_SCALE_FILE, scale.model_dump_json(indent=2) + "\n")
 
