@@ -128,16 +128,21 @@ class JobConfig(BaseModel):
         return [int(x) for x in self.gpus.replace(" ", "").split(",") if x != ""]
 
 
+def parse_yes_no(raw: str | None, name: str, source: str = "parameters") -> bool:
+    """RELION's and the command line's yes/no values; a bare label (None or "") means yes."""
+    if raw in (None, ""):
+        return True
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "no", "n", "off"):
+        return False
+    raise JobConfigError(f"{source}: parameter '{name}' expects yes/no, got {raw!r}")
+
+
 def _coerce(annotation: Any, raw: str | None, name: str, source: str) -> Any:
     if annotation is bool:
-        if raw in (None, ""):
-            return True
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "y", "on"):
-            return True
-        if low in ("0", "false", "no", "n", "off"):
-            return False
-        raise JobConfigError(f"{source}: parameter '{name}' expects yes/no, got {raw!r}")
+        return parse_yes_no(raw, name, source)
     if raw is None:
         raise JobConfigError(f"{source}: parameter '{name}' needs a value")
     return raw.strip()

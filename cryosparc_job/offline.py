@@ -20,12 +20,15 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig
+
+if TYPE_CHECKING:  # the engine's result type; the job layer itself is imported when a job runs
+    from cryoformer_ext.job.run import JobResult
 
 from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps, solvent_mask
 
@@ -104,10 +107,10 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     run_job = engine or default_engine()
-    result = run_job(data, config, out_dir / ENGINE_DIR, log=log, should_abort=should_abort)
+    result: JobResult = run_job(data, config, out_dir / ENGINE_DIR, log=log, should_abort=should_abort)
 
     res = OfflineResult(particles_cs=None, particles_csg=None, job_result=result)
-    latents = np.asarray(result.latents) if getattr(result, "latents", None) is not None else None
+    latents = np.asarray(result.latents)
     if latents is not None and latents.ndim == 2 and latents.shape[1] > 0:
         if latents.shape[0] != len(dset):
             raise RuntimeError(f"engine returned {latents.shape[0]} latents for {len(dset)} particles")

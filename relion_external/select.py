@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryoformer_ext.config import JobConfig
+from cryoformer_ext.config import JobConfig, parse_yes_no
 from cryoformer_ext.formats.star import CLASS_LABEL, StarFileError, read_particles_star
 from cryoformer_ext.formats.subsets import write_star_subset
 
 from . import nodes as _nodes
+from .usage import UsageError
 
 LABEL = "select_classes"
 INVERT_LABEL = "select_invert"
@@ -33,8 +34,6 @@ def wanted(opts: dict[str, str | None]) -> bool:
 def _classes(value: str | None) -> list[int]:
     from cryoformer_ext.jobdir import JobFilesError, parse_int_list
 
-    from .cli import UsageError
-
     try:
         return parse_int_list(value or "", LABEL)
     except JobFilesError as err:
@@ -42,17 +41,8 @@ def _classes(value: str | None) -> list[int]:
 
 
 def _invert(value: str | None, present: bool) -> bool:
-    """``select_invert`` yes/no; a bare label (empty value) means yes."""
-    from .cli import UsageError
-
-    if not present:
-        return False
-    low = (value or "yes").strip().lower()
-    if low in ("1", "true", "yes", "y", "on"):
-        return True
-    if low in ("0", "false", "no", "n", "off"):
-        return False
-    raise UsageError(f"parameter {INVERT_LABEL}: expected yes or no, got {value!r}")
+    """``select_invert`` yes/no (the job parameters' rule); a bare label (empty value) means yes."""
+    return parse_yes_no(value, INVERT_LABEL, "External job parameters") if present else False
 
 
 def class_mask(particles: pd.DataFrame, classes: list[int], source: str) -> np.ndarray:
@@ -71,8 +61,6 @@ def class_mask(particles: pd.DataFrame, classes: list[int], source: str) -> np.n
 
 def run_select(opts: dict[str, str | None], out_dir: Path, version, log) -> str:
     """Write the subset and its output node; returns the exit file to write."""
-    from .cli import UsageError
-
     in_parts = opts.get("in_parts")
     if not in_parts:
         raise UsageError(f"{LABEL}: set 'Input particles' (--in_parts) to the particles.star of a cryoFormer job")

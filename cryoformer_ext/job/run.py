@@ -64,6 +64,11 @@ class JobResult(BaseModel):
     predicted_poses: tuple[np.ndarray, np.ndarray] | None = Field(None, repr=False)
     timings_s: dict[str, float]
 
+    @property
+    def plots(self) -> list[Path]:
+        """The analysis plots (PNG), for hosts that show them next to the job (cryoSPARC's event log)."""
+        return self.analysis.plots
+
 
 def select_device(config: JobConfig) -> torch.device:
     ids = config.gpu_ids()
