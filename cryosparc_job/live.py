@@ -32,6 +32,7 @@ from cryoformer.data import ParticleData
 from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig, JobConfigError
 from cryoformer_ext.formats.mrc_stack import ImageStackError
+from cryoformer_ext.jobdir import OFFLINE_ENGINE_SUBDIR as ENGINE_SUBDIR  # the same engine folder in both modes
 
 if TYPE_CHECKING:  # the engine's result type; the job layer itself is imported when a job runs
     from cryoformer_ext.job.run import JobResult
@@ -174,7 +175,7 @@ def _work_dir(job, project_dir: Path, settings: LiveSettings) -> tuple[Path, Cal
     """
     job_dir = project_dir / str(job.model.job_dir or job.uid)
     if settings.work_dir is None and job_dir.is_dir() and os.access(job_dir, os.W_OK):
-        work = job_dir / "cryoformer"
+        work = job_dir / ENGINE_SUBDIR
 
         def publish_local(path: Path) -> str:
             rel = Path(path).resolve().relative_to(project_dir.resolve())
@@ -191,7 +192,7 @@ def _work_dir(job, project_dir: Path, settings: LiveSettings) -> tuple[Path, Cal
             rel = PurePosixPath(*path.resolve().relative_to(Path(work).resolve()).parts)
         except ValueError:
             rel = PurePosixPath("maps") / path.name
-        target = PurePosixPath("cryoformer") / rel
+        target = PurePosixPath(ENGINE_SUBDIR) / rel
         parent = str(target.parent)
         if parent not in made:
             job.mkdir(parent, parents=True, exist_ok=True)

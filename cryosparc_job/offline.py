@@ -26,14 +26,15 @@ import numpy as np
 
 from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig
+from cryoformer_ext.jobdir import OFFLINE_ENGINE_SUBDIR, OFFLINE_PARTICLES_STEM
 
 if TYPE_CHECKING:  # the engine's result type; the job layer itself is imported when a job runs
     from cryoformer_ext.job.run import JobResult
 
 from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps, solvent_mask
 
-PARTICLES_STEM = "cryoformer_particles"
-ENGINE_DIR = "cryoformer"
+PARTICLES_STEM = OFFLINE_PARTICLES_STEM
+ENGINE_DIR = OFFLINE_ENGINE_SUBDIR
 
 
 @dataclass

@@ -26,8 +26,9 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from cryoformer_ext.config import JobConfig, JobConfigError
+from cryoformer_ext.config import JobConfig
 from cryoformer_ext.failures import os_error_message, user_message
+from cryoformer_ext.jobdir import PARTICLES_FILE
 
 from . import nodes as _nodes
 from .usage import UsageError
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # the job layer imports torch: only when a job runs, so that 
 # options RELION itself passes (see docs/relion.md); everything else is a user parameter
 PROTOCOL_OPTIONS = {"o", "in_parts", "in_3dref", "in_mask", "in_movies", "in_mics", "in_coords", "j",
                     "pipeline_control"}
-PARTICLES_OUT = "particles.star"
+PARTICLES_OUT = PARTICLES_FILE
 # options that take exactly one argv item: words after them are stray (RELION's additional arguments)
 SINGLE_VALUE_OPTIONS = {"o", "j", "pipeline_control"}
 MAP_NODE_KINDS = ("consensus", "kmeans", "pc", "flexibility")  # attention maps are index maps: no nodes

@@ -18,13 +18,14 @@ import pandas as pd
 from cryoformer_ext.config import JobConfig, parse_yes_no
 from cryoformer_ext.formats.star import CLASS_LABEL, StarFileError, read_particles_star
 from cryoformer_ext.formats.subsets import write_star_subset
+from cryoformer_ext.jobdir import PARTICLES_FILE
 
 from . import nodes as _nodes
 from .usage import UsageError
 
 LABEL = "select_classes"
 INVERT_LABEL = "select_invert"
-PARTICLES_OUT = "particles.star"
+PARTICLES_OUT = PARTICLES_FILE
 
 
 def wanted(opts: dict[str, str | None]) -> bool:

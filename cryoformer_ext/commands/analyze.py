@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-ANALYSIS_SUBDIR = "analysis"  # where run_job's analysis lives inside a job folder (default output here)
+from cryoformer_ext.jobdir import ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE
 
 
 class AnalyzeError(RuntimeError):
@@ -54,7 +54,7 @@ def load_generator(job_dir: Path, checkpoint: Path | None = None, device: str | 
     from cryoformer.infer import Reconstruction, latest_checkpoint
 
     if checkpoint is None:
-        ckdir = job_dir / "checkpoints"
+        ckdir = job_dir / CHECKPOINT_DIR
         if not ckdir.is_dir():
             raise AnalyzeError(f"{job_dir}: no checkpoints/ folder; is this a cryoFormer job folder?")
         try:
@@ -96,15 +96,15 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
     if not job_dir.is_dir():
         raise AnalyzeError(f"{job_dir}: not a folder")
     cfg: dict[str, Any] = {}
-    if (job_dir / "job_config.json").exists():
-        cfg = _read_json(job_dir / "job_config.json")
+    if (job_dir / CONFIG_FILE).exists():
+        cfg = _read_json(job_dir / CONFIG_FILE)
         if not isinstance(cfg, dict):
             raise AnalyzeError(f"{job_dir / 'job_config.json'}: expected a JSON object")
     else:
         log(f"analyze: {job_dir}/job_config.json not found; using default settings")
     loss = None
-    if (job_dir / "loss_history.json").exists():
-        loss = _read_json(job_dir / "loss_history.json")
+    if (job_dir / LOSS_FILE).exists():
+        loss = _read_json(job_dir / LOSS_FILE)
         if isinstance(loss, dict):  # tolerate {"loss": [...]} forms
             loss = loss.get("loss") or loss.get("loss_history")
         loss = [float(x) for x in loss] if loss else None
@@ -114,7 +114,7 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
         loss = list(gen.loss_history)
     zdim = int(gen.zdim)
     latents = None
-    lat_file = job_dir / "latents.npy"
+    lat_file = job_dir / LATENTS_FILE
     if zdim > 0:
         if not lat_file.exists():
             raise AnalyzeError(f"{job_dir}: no latents.npy; the job has not finished (resume it to write the latents)")

@@ -17,6 +17,7 @@ from cryoformer_ext.analysis.recovery import recovery_report
 from cryoformer_ext.commands import run_guarded
 from cryoformer_ext.commands.options import add_job_options, job_config, log as _log
 from cryoformer_ext.config import JobConfig
+from cryoformer_ext.jobdir import ANALYSIS_SUBDIR, CHECKPOINT_DIR, PARTICLES_FILE
 from cryoformer_ext.job.run import run_job
 from cryoformer_ext.formats.atomic import atomic_write_text
 from cryoformer_ext.formats.simulation import write_simulated
@@ -34,10 +35,10 @@ def run_demo(out: Path, *, n: int = 1000, box: int = 24, snr: float = 1.0, seed:
     star = read_particles_star(star_path, project)
     job_dir = out / "job"
     result = run_job(star.data, cfg, job_dir, log=log)
-    star.write(job_dir / "particles.star", latents=result.latents, labels=result.labels)
+    star.write(job_dir / PARTICLES_FILE, latents=result.latents, labels=result.labels)
     from cryoformer.infer import Reconstruction
 
-    rec = Reconstruction.load(job_dir / "checkpoints")
+    rec = Reconstruction.load(job_dir / CHECKPOINT_DIR)
     report = recovery_report(sim.conformation, result.latents, rec, rec.train_box)
     summary = {"particles": n, "box": box, "snr": snr, "config": cfg.model_dump(), **report,
                "timings_s": result.timings_s, "job_dir": str(job_dir), "analysis_summary": str(result.summary_file)}
@@ -50,7 +51,7 @@ def run_demo(out: Path, *, n: int = 1000, box: int = 24, snr: float = 1.0, seed:
             f"{report['states'][r['best_match']]['true_conformation']:.2f} {'OK' if r['recovered'] else 'MISSED'}")
     if "spearman_pc1_vs_truth" in report:
         log(f"  |Spearman| of latent PC1 with the true motion: {report['spearman_pc1_vs_truth']:.3f}")
-    log(f"demo: {report['recovered']}/{report['n_states']} conformations recovered; maps in {job_dir / 'analysis'}; "
+    log(f"demo: {report['recovered']}/{report['n_states']} conformations recovered; maps in {job_dir / ANALYSIS_SUBDIR}; "
         f"summary {out / 'demo_summary.json'}")
     return summary
 

@@ -22,12 +22,13 @@ from pathlib import Path
 from cryoformer_ext.analysis import selection as sel
 from cryoformer_ext.formats import subsets as subset_io
 from cryoformer_ext.formats.cryodrgn import write_ind_pkl
-from cryoformer_ext.jobdir import JobFiles, JobFilesError, load_job_files, parse_int_list
+from cryoformer_ext.jobdir import (OFFLINE_PARTICLES_STEM, PARTICLES_FILE, JobFiles, JobFilesError, load_job_files,
+                                   parse_int_list)
 from cryoformer_ext.formats.atomic import atomic_write_text
 
-STAR_OUT = "particles.star"
+STAR_OUT = PARTICLES_FILE
 CS_STEM = "particles"
-OFFLINE_PARTICLES = "cryoformer_particles.cs"  # cryosparc_job.offline.PARTICLES_STEM + ".cs"
+OFFLINE_PARTICLES = OFFLINE_PARTICLES_STEM + ".cs"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cryoformer_ext.commands import run_guarded
 from cryoformer_ext.commands.options import add_job_options, job_config, log
+from cryoformer_ext.jobdir import PARTICLES_FILE
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     if result is None:  # rank > 0 under torchrun: rank 0 writes the outputs
         return 0
     extra = star.predicted_pose_columns(result.predicted_poses)
-    out = star.write(Path(args.out) / "particles.star", latents=result.latents, labels=result.labels, extra=extra)
+    out = star.write(Path(args.out) / PARTICLES_FILE, latents=result.latents, labels=result.labels, extra=extra)
     log(f"wrote {out}" + (" with the predicted orientations" if extra else "")
         + f", {len(result.maps)} maps, summary {result.summary_file}")
     return 0

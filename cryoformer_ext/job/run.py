@@ -26,16 +26,13 @@ from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, esti
 
 from cryoformer_ext.analysis.analyze import AnalysisResult, MapRecord, analyze
 from cryoformer_ext.config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
-from cryoformer_ext.jobdir import InputScale, write_input_scale
+from cryoformer_ext.jobdir import (ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE,
+                                   PREDICTED_POSES_FILE, InputScale, write_input_scale)
 from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings
 from cryoformer_ext.job.launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
-from cryoformer_ext.formats.atomic import atomic_write_text, save_npy
+from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text, save_npy
 
-CHECKPOINT_DIR = "checkpoints"
-LATENTS_FILE = "latents.npy"
-CONFIG_FILE = "job_config.json"
-ANALYSIS_DIR = "analysis"
-LOSS_FILE = "loss_history.json"
+ANALYSIS_DIR = ANALYSIS_SUBDIR
 OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels
 ENCODE_CHUNK = 8192  # particles encoded between two abort checks
 
@@ -261,9 +258,8 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     if not main:
         return None
     if poses is not None:
-        with open(out_dir / ".predicted_poses.npz.tmp", "wb") as fh:
+        with atomic_path(out_dir / PREDICTED_POSES_FILE) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, rot=poses[0], shift_px=poses[1])
-        os.replace(out_dir / ".predicted_poses.npz.tmp", out_dir / "predicted_poses.npz")
     timings["inference"] = time.perf_counter() - t1
     log(f"latents of {len(latents)} particles written to {latents_file}")
     _abort_if(should_abort, "after the inference")
