@@ -32,6 +32,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -286,7 +287,8 @@ def main() -> None:
     p.add_argument("--train-s", type=float, default=30.0, help="seconds of training after the first step")
     p.add_argument("--writer-rows", type=int, default=200_000, help="rows for the write_simulated_star measurement (0: skip)")
     p.add_argument("--breakdown", action="store_true", help="also time each step of read_particles_star")
-    p.add_argument("--dir", type=Path, default=Path("/tmp/cryoformer_bench_streaming"))
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cryoformer_bench_streaming",
+                   help="work folder (default: cryoformer_bench_streaming in the system temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated dataset")
     p.add_argument("--reuse", action="store_true", help="use an existing dataset in --dir")
     p.add_argument("--out-json", type=Path, default=RESULTS / "streaming.json")

@@ -1,7 +1,7 @@
 """``bench/gpu_check.py --cpu-dry-run``: the GPU check starts and reaches its end.
 
 The dry run executes every check of the GPU script on the CPU at a tiny size (two gloo ranks stand in
-for two GPUs, CPU bf16 autocast for a bf16 GPU), so a GPU session is not spent on a script that fails
+for two GPUs, CPU bf16 autocast for a bf16 GPU), so time on a GPU machine is not spent on a script that fails
 at its first line. On the CPU the kill-and-continue check must be exact: the arithmetic repeats.
 """
 

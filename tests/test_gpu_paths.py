@@ -1,4 +1,4 @@
-"""The CUDA code paths, tested on a CPU (issue 12): no GPU has run this code.
+"""The CUDA code paths, tested on a CPU, where no GPU runs this code.
 
 What needs a GPU is reached by monkeypatching ``torch.cuda`` functions that record the devices and
 dtypes they are called with (RNG state, ``set_device``, capability, id mapping), by CPU autocast where its

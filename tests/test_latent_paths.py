@@ -2,7 +2,7 @@
 
 The oracle for the graph traversal is cryoDRGN's test suite (``tests/test_graph_traversal.py`` of
 ml-struct-bio/cryodrgn): the paths and lengths it asserts for ``cryodrgn graph_traversal`` on its latent
-files ``zvals_het-2_1k.pkl`` (2-D) and ``zvals_het-8_4k.pkl`` (8-D), copied into ``shared/data/cryodrgn``.
+files ``zvals_het-2_1k.pkl`` (2-D) and ``zvals_het-8_4k.pkl`` (8-D), copied into the test fixtures (``data/cryodrgn``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The External-job protocol against RELION 4.0's and 5.0's own code (../shared/tools/relion-protocol).
+"""The External-job protocol against RELION 4.0's and 5.0's own code (built next to the test fixtures).
 
 ``pipehN`` schedules and runs our job through that version's real pipeliner (``addScheduledJob`` +
 ``runScheduledJobs``: it builds the command line, writes ``job.star``, deletes the exit files and the
