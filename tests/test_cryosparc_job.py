@@ -232,7 +232,7 @@ def test_planned_volumes_match_analysis_names():
     assert len([p for p in planned_volumes(JobConfig(zdim=1, pcs=2, pc_steps=3), 100) if "pc" in p.name]) == 3
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "cryoformer_ext" / "job.py").exists(),
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "cryoformer_ext" / "job" / "run.py").exists(),
                     reason="cryoformer_ext/job/run.py (run_job) not written yet")
 def test_offline_end_to_end_real_engine(tmp_path):
     """The real engine on the 7 real EMPIAR-10076 images (no poses -> orientation encoder), tiny model."""
