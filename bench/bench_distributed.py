@@ -2,7 +2,7 @@
 
 The same script runs on a CPU machine (gloo, one thread per rank, tiny model, box 16) and on a GPU
 machine (NCCL, one rank per GPU, the default job model at box 64, bf16 autocast). Each world size is
-started through the job layer's launcher (``cryoformer_ext.launch.spawn``), i.e. the code path of
+started through the job layer's launcher (``cryoformer_ext.job.launch.spawn``), i.e. the code path of
 ``cryoformer train --ranks N`` / ``--gpus 0,1,...``. Throughput is timed from the first step of the
 second epoch to the end of training (the first epoch includes start-up and warm-up), on rank 0, and
 counts global images. Writes ``bench/results/distributed_<cpu|gpu>.json``.
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from cryoformer.simulate import simulate
     from cryoformer.train import estimate_data_scale
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for
-    from cryoformer_ext.launch import Plan, physical_gpus, spawn
+    from cryoformer_ext.job.run import model_config_for
+    from cryoformer_ext.job.launch import Plan, physical_gpus, spawn
 
     gpu = torch.cuda.is_available()
     ngpu = torch.cuda.device_count() if gpu else 0

@@ -4,11 +4,11 @@
    /tmp): ``--base`` real particles are simulated with :func:`cryoformer.simulate.simulate` (poses,
    CTF, analytic projections), and every chunk of the memory-mapped MRCS stack repeats them with fresh
    noise at ``--snr``. The RELION 3.1 STAR (optics + particles, poses and CTF per row, the same
-   columns as :func:`cryoformer_ext.star_io.write_simulated_star`) is written as text in chunks.
+   columns as :func:`cryoformer_ext.formats.star.write_simulated_star`) is written as text in chunks.
    The cost of ``write_simulated_star`` itself is measured in a child process on ``--writer-rows``
    rows (it formats the whole table in memory).
 2. In a fresh child process (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``) runs the user path of
-   ``cryoformer train``: ``read_particles_star`` then ``cryoformer_ext.job.run_job`` (epochs 1); the child
+   ``cryoformer train``: ``read_particles_star`` then ``cryoformer_ext.job.run.run_job`` (epochs 1); the child
    notes the time of each phase and of the first completed training step (the trainer's first
    "epoch 1/1 step 1/..." progress line, logged right after step 1), trains for ``--train-s`` seconds and
    aborts through ``should_abort``. The parent polls ``/proc/<pid>/status`` VmHWM; the child reports
@@ -32,6 +32,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def child_writer(out: Path, rows: int, box: int) -> dict:
 
     from cryoformer.data import CTFParams
     from cryoformer.poses import random_rotations
-    from cryoformer_ext.star_io import write_simulated_star
+    from cryoformer_ext.formats.star import write_simulated_star
 
     rng = np.random.default_rng(0)
     rot = random_rotations(rows, rng)
@@ -170,8 +171,8 @@ def child_train(out: Path, train_s: float, t_launch: float) -> dict:
 
     torch.set_num_threads(1)
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import JobAborted, run_job
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.job.run import JobAborted, run_job
+    from cryoformer_ext.formats.star import read_particles_star
 
     phases["imports_done"] = time.time() - t_launch
     mem["after_imports"] = _mem_gb()
@@ -180,7 +181,7 @@ def child_train(out: Path, train_s: float, t_launch: float) -> dict:
     mem["after_star_read"] = _mem_gb()
     star_df_bytes = int(star.particles.memory_usage(deep=True).sum())
     n = len(star.data)
-    del star.particles  # not needed for training (cmd_train keeps it to write particles.star at the end)
+    del star.particles  # not needed for training (the train command keeps it to write particles.star at the end)
     cfg = JobConfig(epochs=1, threads=1)
     first_step: list[float] = []
     steps = [0]
@@ -224,7 +225,7 @@ def child_breakdown(out: Path) -> dict:
     import numpy as np
     import starfile
 
-    from cryoformer_ext import star_io
+    from cryoformer_ext.formats import star as star_io
 
     path, res = out / STAR_NAME, {}
 
@@ -286,7 +287,8 @@ def main() -> None:
     p.add_argument("--train-s", type=float, default=30.0, help="seconds of training after the first step")
     p.add_argument("--writer-rows", type=int, default=200_000, help="rows for the write_simulated_star measurement (0: skip)")
     p.add_argument("--breakdown", action="store_true", help="also time each step of read_particles_star")
-    p.add_argument("--dir", type=Path, default=Path("/tmp/cryoformer_bench_streaming"))
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cryoformer_bench_streaming",
+                   help="work folder (default: cryoformer_bench_streaming in the system temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated dataset")
     p.add_argument("--reuse", action="store_true", help="use an existing dataset in --dir")
     p.add_argument("--out-json", type=Path, default=RESULTS / "streaming.json")

@@ -2,7 +2,7 @@
 
 Data: the project's simulator (:func:`cryoformer.simulate.simulate`), ``--states`` evenly spaced
 conformations of the hinge motion (or ``continuous``), SNR ``--snr``, poses and CTF given, written as a
-RELION 3.1 STAR + MRCS (:func:`cryoformer_ext.simulation_io.write_simulated`) for cryoFormer and as
+RELION 3.1 STAR + MRCS (:func:`cryoformer_ext.formats.simulation.write_simulated`) for cryoFormer and as
 cryoDRGN's ``pose.pkl`` ((rot (N,3,3), trans = shift_px / D)) and ``ctf.pkl`` ((N, 9): D, Apix, dfU, dfV,
 dfAng, kV, Cs, Q0, phase) next to the same MRCS for cryoDRGN.
 
@@ -25,7 +25,7 @@ Quality after every epoch, from that epoch's weights and the latents of every pa
 * the moving region (discrete states): the map at the mean latent of each true state, correlated with
   that state's truth over the voxels where the true conformations differ (their standard deviation above
   10 % of its maximum); whole-box FSC is dominated by the static core and barely tells a resolved motion
-  from a consensus map (:mod:`cryoformer_ext.recovery`);
+  from a consensus map (:mod:`cryoformer_ext.analysis.recovery`);
 * latents: |Spearman| of PC1 with the true conformation, cross-validated R^2 of a linear map z -> t, and
   kNN accuracy of the state (10 neighbours, 5-fold).
 Map axis order/handedness conventions may differ between programs: the signed axis permutation (48
@@ -102,7 +102,7 @@ def cryodrgn_exe(venv: Path) -> str:
 
 def make_dataset(out: Path, n: int, box: int, states: str, snr: float, seed: int) -> dict:
     from cryoformer.simulate import simulate
-    from cryoformer_ext.simulation_io import write_simulated
+    from cryoformer_ext.formats.simulation import write_simulated
 
     out.mkdir(parents=True, exist_ok=True)
     pixel = 4.0 * 64 / box  # same physical box (256 Å) at every D
@@ -198,8 +198,8 @@ def child_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: in
     torch.set_num_threads(threads)
     from cryoformer.train import CHECKPOINT_NAME, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for, train_config_for, training_box
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.job.run import model_config_for, train_config_for, training_box
+    from cryoformer_ext.formats.star import read_particles_star
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -267,7 +267,7 @@ def map_quality(vols: np.ndarray, ts: np.ndarray, box: int, tf) -> dict:
 def state_quality(state_vols: np.ndarray, state_values: np.ndarray, box: int, tf) -> dict:
     """Moving-region correlation of the maps at the mean latent of each true state."""
     from cryoformer.simulate import true_volume
-    from cryoformer_ext.recovery import masked_corr, moving_region
+    from cryoformer_ext.analysis.recovery import masked_corr, moving_region
 
     truths = [true_volume(float(s), box) for s in state_values]
     move = moving_region(truths)
@@ -281,7 +281,7 @@ def state_quality(state_vols: np.ndarray, state_values: np.ndarray, box: int, tf
 
 
 def latent_quality(z: np.ndarray, conf: np.ndarray, states: np.ndarray | None) -> dict:
-    from cryoformer_ext.recovery import latent_scores
+    from cryoformer_ext.analysis.recovery import latent_scores
 
     sc = latent_scores(z, conf, states)
     return {"spearman_pc1": sc.spearman_pc1, "cv_r2": sc.cv_r2, "knn_accuracy": sc.knn_accuracy}
@@ -317,7 +317,7 @@ def cryodrgn_epoch(exe: str, ck: dict, idx: np.ndarray, conf: np.ndarray, state_
 def cryoformer_epoch(ck: dict, data_dir: Path, idx: np.ndarray, conf: np.ndarray, state_values: np.ndarray,
                      box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from cryoformer.infer import Reconstruction
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     star = read_particles_star(data_dir / "particles.star", data_dir)
     rec = Reconstruction.load(ck["weights"])

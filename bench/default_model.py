@@ -1,8 +1,8 @@
 """The job's default model for a simulated dataset, without importing the job layer's output modules.
 
-``cryoformer_ext.job`` imports the writers of maps and plots (mrcfile, matplotlib), which a bare GPU
+``cryoformer_ext.job.run`` imports the writers of maps and plots (mrcfile, matplotlib), which a bare GPU
 machine with only torch, numpy and pydantic may not have; the benchmarks need only the model the job
-would train. ``tests/test_gpu_check.py`` checks that this equals ``cryoformer_ext.job.model_config_for``.
+would train. ``tests/test_gpu_check.py`` checks that this equals ``cryoformer_ext.job.run.model_config_for``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from cryoformer.data import ParticleData
 from cryoformer.model import ModelConfig
 from cryoformer_ext.config import JobConfig
 
-OCCUPANCY_CELL_PX = 4  # as cryoformer_ext.job: occupancy grid cell edge in training-box pixels
+OCCUPANCY_CELL_PX = 4  # as cryoformer_ext.job.run: occupancy grid cell edge in training-box pixels
 
 
 def default_model_config(data: ParticleData, config: JobConfig, data_scale: float) -> ModelConfig:
-    """``cryoformer_ext.job.model_config_for`` for a job whose training box is set (or the data's)."""
+    """``cryoformer_ext.job.run.model_config_for`` for a job whose training box is set (or the data's)."""
     tb = config.train_box if config.train_box is not None else min(64, data.box - data.box % 2)
     return ModelConfig(
         box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,

@@ -526,7 +526,7 @@ def ddp_worker(spec_json: str, ckpt: str, dry_run: bool, *, device, log, should_
 
 
 def check_ddp(env: Device, spec: Spec, out: Path, keep: dict) -> dict:
-    from cryoformer_ext.launch import Plan, physical_gpus, spawn
+    from cryoformer_ext.job.launch import Plan, physical_gpus, spawn
 
     if env.count() < 2:
         return {"ok": None, "skipped": f"{env.count()} GPU visible: data-parallel training needs two"}

@@ -4,7 +4,8 @@ Why reproduce tcnn instead of using one of the common PyTorch hash grids: cryoFo
 well-known PyTorch ports (nerfstudio, fast-ngp) compute a *different* function (no ``-1`` in the scale,
 no ``+0.5`` offset, every level hashed, other init).  Matching tcnn means a checkpoint trained on a GPU
 with tcnn evaluates to the same density on a CPU without it, and the ablations are about the model and
-not about an accidental change of encoding.  See ``/work/shared/notes/model_design.md`` §2.1-2.4.
+not about an accidental change of encoding.  The reference is tcnn's own source (NVlabs/tiny-cuda-nn at
+commit 6ee3546: ``include/tiny-cuda-nn/encodings/grid.h`` and the torch bindings' ``modules.py``).
 
 Design decisions, and why:
 

@@ -112,20 +112,40 @@ class JobConfig(BaseModel):
             lines.append(f"  --{name:<12} {str(default):<8} {f.description}")
         return "\n".join(lines)
 
+    def for_particles(self, has_poses: bool, explicit: bool,
+                      missing: str = "the particles have no orientations") -> "JobConfig":
+        """The one pose rule of every entry point (CLI, RELION, cryoSPARC, ``run_job``).
+
+        Particles without orientations can only train with the orientation encoder, so ``poses`` becomes
+        ``predict``; a mode the user chose explicitly is not overridden silently: it is an error that says
+        what is missing (``missing``, e.g. which STAR columns). Returns a new config; ``self`` is unchanged.
+        """
+        if has_poses or self.poses == "predict":
+            return self
+        if explicit:
+            raise JobConfigError(f"poses = {self.poses} needs particle orientations, but {missing}; "
+                                 "use poses = predict")
+        return self.model_copy(update={"poses": "predict"})
+
     def gpu_ids(self) -> list[int]:
         return [int(x) for x in self.gpus.replace(" ", "").split(",") if x != ""]
 
 
+def parse_yes_no(raw: str | None, name: str, source: str = "parameters") -> bool:
+    """RELION's and the command line's yes/no values; a bare label (None or "") means yes."""
+    if raw in (None, ""):
+        return True
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "no", "n", "off"):
+        return False
+    raise JobConfigError(f"{source}: parameter '{name}' expects yes/no, got {raw!r}")
+
+
 def _coerce(annotation: Any, raw: str | None, name: str, source: str) -> Any:
     if annotation is bool:
-        if raw in (None, ""):
-            return True
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "y", "on"):
-            return True
-        if low in ("0", "false", "no", "n", "off"):
-            return False
-        raise JobConfigError(f"{source}: parameter '{name}' expects yes/no, got {raw!r}")
+        return parse_yes_no(raw, name, source)
     if raw is None:
         raise JobConfigError(f"{source}: parameter '{name}' needs a value")
     return raw.strip()

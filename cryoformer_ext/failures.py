@@ -31,15 +31,15 @@ def user_message(err: BaseException) -> str | None:
     """The message for an expected failure, or None for an unexpected one (a bug: show the traceback)."""
     from cryoformer.train import CheckpointReadError, CheckpointWriteError
 
-    from .config import JobConfigError
-    from .imagestack import ImageStackError
-    from .launch import WorkerFailed
-    from .star_io import StarFileError
+    from cryoformer_ext.config import JobConfigError
+    from cryoformer_ext.formats.mrc_stack import ImageStackError
+    from cryoformer_ext.job.launch import WorkerFailed
+    from cryoformer_ext.formats.star import StarFileError
 
     known: tuple[type[BaseException], ...] = (StarFileError, JobConfigError, ImageStackError, WorkerFailed,
                                               CheckpointReadError, CheckpointWriteError)
     try:
-        from .cs_io import CsInputError
+        from cryoformer_ext.formats.cs import CsInputError
 
         known += (CsInputError,)
     except ImportError:  # cryosparc-tools missing: no .cs input either

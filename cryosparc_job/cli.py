@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cryoformer_ext.config import JobConfig, JobConfigError
-from cryoformer_ext.cs_io import CsInputError
+from cryoformer_ext.formats.cs import CsInputError
 
 from .common import parse_engine_args
 

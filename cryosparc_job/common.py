@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from cryoformer.data import ParticleData
+
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.cs_io import output_name
+from cryoformer_ext.formats.cs import output_name
 
 #: maps of these kinds become cryoSPARC volume outputs; attention maps stay in the job folder only
 PUBLISHED_KINDS = ("consensus", "kmeans", "pc", "flexibility")
@@ -16,28 +19,30 @@ Engine = Callable[..., Any]
 
 
 def default_engine() -> Engine:
-    """``cryoformer_ext.job.run_job``, imported on first use (keeps the adapters importable without torch)."""
-    from cryoformer_ext.job import run_job
+    """``cryoformer_ext.job.run.run_job``, imported on first use (keeps the adapters importable without torch)."""
+    from cryoformer_ext.job.run import run_job
 
     return run_job
 
 
-def pose_config(config: JobConfig, have_poses: bool, log: Callable[[str], Any] = print) -> tuple[JobConfig, bool]:
-    """Choose the pose mode for the input; returns (config, use_input_poses).
+def pose_config(config: JobConfig, data: ParticleData,
+                log: Callable[[str], Any] = print) -> tuple[JobConfig, ParticleData]:
+    """The config and the particles the engine gets, by :meth:`JobConfig.for_particles`.
 
     Particles without ``alignments3D`` (an extraction, an import) need the orientation encoder, so
-    ``poses`` becomes ``predict``. With ``poses=predict`` input poses are not handed to the engine.
+    ``poses`` becomes ``predict``; cryoSPARC job parameters have no "unset" state, so a chosen mode is
+    switched with a log line rather than refused. With ``poses=predict`` the input poses are not handed
+    to the engine: the returned particles are a copy without them (the input is left as it is).
     """
-    if not have_poses:
-        if config.poses != "predict":
-            log(f"input particles have no alignments3D (pose/shift): poses={config.poses!r} changed to 'predict' "
-                "(the orientation encoder predicts the poses)")
-            config = config.model_copy(update={"poses": "predict"})
-        return config, False
-    if config.poses == "predict":
+    chosen = config.for_particles(data.has_poses, explicit=False)
+    if not data.has_poses and chosen.poses != config.poses:
+        log(f"input particles have no alignments3D (pose/shift): poses={config.poses!r} changed to 'predict' "
+            "(the orientation encoder predicts the poses)")
+    elif data.has_poses and chosen.poses == "predict":
         log("poses=predict: the input alignments3D are not used for training")
-        return config, False
-    return config, True
+    if chosen.poses == "predict" and data.has_poses:
+        data = dataclasses.replace(data, rot=None, shift_px=None)
+    return chosen, data
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def map_output(name: str) -> str:
 
 def planned_volumes(config: JobConfig, n_particles: int) -> list[PlannedVolume]:
     """The maps the analysis is expected to write for this config (live mode declares their outputs
-    before the job starts). Follows :func:`cryoformer_ext.analysis.analyze`: k-means may end with fewer
+    before the job starts). Follows :func:`cryoformer_ext.analysis.analyze.analyze`: k-means may end with fewer
     classes (identical latents); a map not planned here is added after training instead."""
     out = [PlannedVolume("consensus", map_output("consensus"), "cryoFormer consensus map")]
     if config.zdim > 0 and n_particles >= 1:

@@ -24,13 +24,18 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from cryoformer_ext import cs_io
+from cryoformer.data import ParticleData
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig, JobConfigError
-from cryoformer_ext.imagestack import ImageStackError
+from cryoformer_ext.formats.mrc_stack import ImageStackError
+from cryoformer_ext.jobdir import OFFLINE_ENGINE_SUBDIR as ENGINE_SUBDIR  # the same engine folder in both modes
+
+if TYPE_CHECKING:  # the engine's result type; the job layer itself is imported when a job runs
+    from cryoformer_ext.job.run import JobResult
 
 from .common import (
     Engine,
@@ -170,7 +175,7 @@ def _work_dir(job, project_dir: Path, settings: LiveSettings) -> tuple[Path, Cal
     """
     job_dir = project_dir / str(job.model.job_dir or job.uid)
     if settings.work_dir is None and job_dir.is_dir() and os.access(job_dir, os.W_OK):
-        work = job_dir / "cryoformer"
+        work = job_dir / ENGINE_SUBDIR
 
         def publish_local(path: Path) -> str:
             rel = Path(path).resolve().relative_to(project_dir.resolve())
@@ -187,7 +192,7 @@ def _work_dir(job, project_dir: Path, settings: LiveSettings) -> tuple[Path, Cal
             rel = PurePosixPath(*path.resolve().relative_to(Path(work).resolve()).parts)
         except ValueError:
             rel = PurePosixPath("maps") / path.name
-        target = PurePosixPath("cryoformer") / rel
+        target = PurePosixPath(ENGINE_SUBDIR) / rel
         parent = str(target.parent)
         if parent not in made:
             job.mkdir(parent, parents=True, exist_ok=True)
@@ -196,15 +201,6 @@ def _work_dir(job, project_dir: Path, settings: LiveSettings) -> tuple[Path, Cal
         return str(PurePosixPath(job.uid) / target)
 
     return Path(work), publish_upload
-
-
-def _plots(result: Any, work: Path) -> list[Path]:
-    plots = getattr(result, "plots", None)
-    if plots is None and getattr(result, "analysis", None) is not None:
-        plots = getattr(result.analysis, "plots", None)
-    if plots is None:
-        plots = sorted(p for p in Path(work).rglob("*.png") if "checkpoints" not in p.parts)
-    return [Path(p) for p in plots][:MAX_PLOTS]
 
 
 def run_live(settings: LiveSettings, config: JobConfig, *, cs: Any = None, engine: Engine | None = None,
@@ -225,71 +221,18 @@ def run_live(settings: LiveSettings, config: JobConfig, *, cs: Any = None, engin
     jlog = _JobLog(job, log)
     started = False
     try:
-        job.connect(INPUT_NAME, src_job, src_output, slots=INPUT_SLOTS, title="Particles")
-        dset = job.load_input(INPUT_NAME, slots="all")
         project_dir = Path(settings.project_dir) if settings.project_dir else Path(str(project.dir))
-        parts = cs_io.particles_from_dataset(dset, project_dir, source=f"{settings.project} {src_job}.{src_output}")
-        for w in parts.warnings:
-            jlog.warning(w)
-        config, use_poses = pose_config(config, parts.data.has_poses, jlog)
-        data = parts.data
-        if not use_poses:
-            data.rot = None
-            data.shift_px = None
-        jlog(f"{len(data)} particles from {src_job}.{src_output}: box {data.box} px, {data.pixel_size_A:.4g} Å/px, "
-             f"poses {'from alignments3D' if use_poses else 'predicted by the orientation encoder'}")
-
-        if config.zdim > 0:
-            job.add_output("particle", PARTICLES_OUTPUT, slots=cs_io.component_slots(config.zdim),
-                           passthrough=INPUT_NAME, title="Particles with cryoFormer latent coordinates")
-        declared: dict[str, PlannedVolume] = {}
-        for pv in planned_volumes(config, len(data)):
-            job.add_output("volume", pv.output, slots=[MAP_SLOT], title=pv.title)
-            declared[pv.output] = pv
-
+        dset, data, config = _load_input(job, settings, src_job, src_output, project_dir, config, jlog)
+        declared = _declare_outputs(job, config, len(data))
         job.start("running")
         started = True
         work, publish = _work_dir(job, project_dir, settings)
         jlog(f"engine folder: {work}")
         run_job = engine or default_engine()
         result = run_job(data, config, work, log=jlog, should_abort=_abort_check(job, settings.abort_poll_s))
-
-        if config.zdim > 0:
-            latents = np.asarray(result.latents)
-            if latents.shape != (len(dset), config.zdim):
-                raise LiveError(f"engine returned latents of shape {latents.shape}, expected ({len(dset)}, {config.zdim})")
-            out = job.alloc_output(PARTICLES_OUTPUT, dset)
-            cs_io.fill_components(out, latents)
-            job.save_output(PARTICLES_OUTPUT, out)
-            jlog(f"saved output '{PARTICLES_OUTPUT}': {len(out)} particles with {config.zdim} latent coordinates")
-
-        psize = float(result.map_pixel_size_A)
-        saved: list[str] = []
-        for rec in published_maps(result.maps):
-            name = map_output(rec.name)
-            if name not in declared:
-                try:  # adding an output while the job runs: not confirmed on a live server
-                    job.add_output("volume", name, slots=[MAP_SLOT], title=map_title(rec))
-                except Exception as err:  # noqa: BLE001
-                    jlog.warning(f"map {rec.name} ({rec.path}) is in the job folder but could not be added as "
-                                 f"an output: {err}")
-                    continue
-            rel = publish(Path(rec.path))
-            vol = job.alloc_output(name, 1)
-            cs_io.fill_volume(vol, rel, cs_io.mrc_shape(rec.path), psize)
-            job.save_output(name, vol)
-            saved.append(name)
-        missing = [n for n in declared if n not in saved]
-        if missing:
-            jlog.warning(f"{len(missing)} declared volume outputs have no map (the analysis made fewer): "
-                         + ", ".join(missing))
-        jlog(f"saved {len(saved)} volume outputs ({psize:.4g} Å/voxel)")
-
-        for png in _plots(result, work):
-            try:
-                job.log_plot(png, text=png.stem.replace("_", " "), formats=["png"])
-            except Exception as err:  # noqa: BLE001 - a plot is not worth failing the job
-                jlog.warning(f"could not upload plot {png.name}: {err}")
+        _save_particles(job, dset, result, config.zdim, jlog)
+        _save_volumes(job, result, declared, publish, jlog)
+        _upload_plots(job, result, jlog)
         job.stop()
         log(f"job {settings.project} {job.uid} completed")
         return job.uid
@@ -305,6 +248,79 @@ def run_live(settings: LiveSettings, config: JobConfig, *, cs: Any = None, engin
         if isinstance(err, KeyboardInterrupt):
             raise
         raise LiveError(msg) from err
+
+
+def _load_input(job, settings: LiveSettings, src_job: str, src_output: str, project_dir: Path, config: JobConfig,
+                jlog: "_JobLog") -> tuple[Any, ParticleData, JobConfig]:
+    """Connect the source particles, read them, and choose the pose mode (the input dataset, the
+    particles the engine gets, the config)."""
+    job.connect(INPUT_NAME, src_job, src_output, slots=INPUT_SLOTS, title="Particles")
+    dset = job.load_input(INPUT_NAME, slots="all")
+    parts = cs_io.particles_from_dataset(dset, project_dir, source=f"{settings.project} {src_job}.{src_output}")
+    for w in parts.warnings:
+        jlog.warning(w)
+    config, data = pose_config(config, parts.data, jlog)
+    jlog(f"{len(data)} particles from {src_job}.{src_output}: box {data.box} px, {data.pixel_size_A:.4g} Å/px, "
+         f"poses {'from alignments3D' if data.has_poses else 'predicted by the orientation encoder'}")
+    return dset, data, config
+
+
+def _declare_outputs(job, config: JobConfig, n_particles: int) -> dict[str, PlannedVolume]:
+    """The outputs cryoSPARC must know before the job starts: the particles and the planned maps."""
+    if config.zdim > 0:
+        job.add_output("particle", PARTICLES_OUTPUT, slots=cs_io.component_slots(config.zdim),
+                       passthrough=INPUT_NAME, title="Particles with cryoFormer latent coordinates")
+    declared: dict[str, PlannedVolume] = {}
+    for pv in planned_volumes(config, n_particles):
+        job.add_output("volume", pv.output, slots=[MAP_SLOT], title=pv.title)
+        declared[pv.output] = pv
+    return declared
+
+
+def _save_particles(job, dset, result: "JobResult", zdim: int, jlog: "_JobLog") -> None:
+    if zdim == 0:
+        return
+    latents = np.asarray(result.latents)
+    if latents.shape != (len(dset), zdim):
+        raise LiveError(f"engine returned latents of shape {latents.shape}, expected ({len(dset)}, {zdim})")
+    out = job.alloc_output(PARTICLES_OUTPUT, dset)
+    cs_io.fill_components(out, latents)
+    job.save_output(PARTICLES_OUTPUT, out)
+    jlog(f"saved output '{PARTICLES_OUTPUT}': {len(out)} particles with {zdim} latent coordinates")
+
+
+def _save_volumes(job, result: "JobResult", declared: dict[str, PlannedVolume], publish: Callable[[Path], str],
+                  jlog: "_JobLog") -> None:
+    """Every published map as a volume output; a map the plan did not foresee is added while the job runs."""
+    psize = float(result.map_pixel_size_A)
+    saved: list[str] = []
+    for rec in published_maps(result.maps):
+        name = map_output(rec.name)
+        if name not in declared:
+            try:  # adding an output while the job runs: not confirmed on a live server
+                job.add_output("volume", name, slots=[MAP_SLOT], title=map_title(rec))
+            except Exception as err:  # noqa: BLE001
+                jlog.warning(f"map {rec.name} ({rec.path}) is in the job folder but could not be added as "
+                             f"an output: {err}")
+                continue
+        rel = publish(Path(rec.path))
+        vol = job.alloc_output(name, 1)
+        cs_io.fill_volume(vol, rel, cs_io.mrc_shape(rec.path), psize)
+        job.save_output(name, vol)
+        saved.append(name)
+    missing = [n for n in declared if n not in saved]
+    if missing:
+        jlog.warning(f"{len(missing)} declared volume outputs have no map (the analysis made fewer): "
+                     + ", ".join(missing))
+    jlog(f"saved {len(saved)} volume outputs ({psize:.4g} Å/voxel)")
+
+
+def _upload_plots(job, result: "JobResult", jlog: "_JobLog") -> None:
+    for png in [Path(p) for p in result.plots][:MAX_PLOTS]:
+        try:
+            job.log_plot(png, text=png.stem.replace("_", " "), formats=["png"])
+        except Exception as err:  # noqa: BLE001 - a plot is not worth failing the job
+            jlog.warning(f"could not upload plot {png.name}: {err}")
 
 
 def _fail(job, msg: str, started: bool, log: Callable[[str], Any]) -> None:

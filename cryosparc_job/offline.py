@@ -20,17 +20,21 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from cryoformer_ext import cs_io
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig
+from cryoformer_ext.jobdir import OFFLINE_ENGINE_SUBDIR, OFFLINE_PARTICLES_STEM
+
+if TYPE_CHECKING:  # the engine's result type; the job layer itself is imported when a job runs
+    from cryoformer_ext.job.run import JobResult
 
 from .common import Engine, default_engine, map_output, map_title, pose_config, published_maps, solvent_mask
 
-PARTICLES_STEM = "cryoformer_particles"
-ENGINE_DIR = "cryoformer"
+PARTICLES_STEM = OFFLINE_PARTICLES_STEM
+ENGINE_DIR = OFFLINE_ENGINE_SUBDIR
 
 
 @dataclass
@@ -86,7 +90,7 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
                 should_abort: Callable[[], bool] = lambda: False) -> OfflineResult:
     """Run cryoFormer on a ``.cs`` particle file and write cryoSPARC-importable results into ``out_dir``.
 
-    Raises :class:`cryoformer_ext.cs_io.CsInputError` (bad input, checked before any training) and
+    Raises :class:`cryoformer_ext.formats.cs.CsInputError` (bad input, checked before any training) and
     whatever the engine raises.
     """
     particles_cs = Path(particles_cs)
@@ -97,20 +101,17 @@ def run_offline(particles_cs: str | os.PathLike, project_dir: str | os.PathLike,
                                          require_ctf=config.ctf)
     for w in parts.warnings:
         log(f"warning: {w}")
-    config, use_poses = pose_config(config, parts.data.has_poses, log)
-    data = parts.data
-    if not use_poses and data.has_poses:
-        data.rot = None
-        data.shift_px = None
+    config, data = pose_config(config, parts.data, log)
+    use_poses = data.has_poses
     log(f"{len(data)} particles from {particles_cs}: box {data.box} px, {data.pixel_size_A:.4g} Å/px, "
         f"{len(parts.stack_files)} stack files, poses {'from alignments3D' if use_poses else 'predicted'}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     run_job = engine or default_engine()
-    result = run_job(data, config, out_dir / ENGINE_DIR, log=log, should_abort=should_abort)
+    result: JobResult = run_job(data, config, out_dir / ENGINE_DIR, log=log, should_abort=should_abort)
 
     res = OfflineResult(particles_cs=None, particles_csg=None, job_result=result)
-    latents = np.asarray(result.latents) if getattr(result, "latents", None) is not None else None
+    latents = np.asarray(result.latents)
     if latents is not None and latents.ndim == 2 and latents.shape[1] > 0:
         if latents.shape[0] != len(dset):
             raise RuntimeError(f"engine returned {latents.shape[0]} latents for {len(dset)} particles")

@@ -24,24 +24,26 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from cryoformer_ext.config import JobConfig, JobConfigError
+from cryoformer_ext.config import JobConfig
 from cryoformer_ext.failures import os_error_message, user_message
+from cryoformer_ext.jobdir import PARTICLES_FILE
 
 from . import nodes as _nodes
+from .usage import UsageError
+
+if TYPE_CHECKING:  # the job layer imports torch: only when a job runs, so that --help stays fast
+    from cryoformer_ext.formats.star import ParticleStar
+    from cryoformer_ext.job.run import JobResult
 
 # options RELION itself passes (see docs/relion.md); everything else is a user parameter
 PROTOCOL_OPTIONS = {"o", "in_parts", "in_3dref", "in_mask", "in_movies", "in_mics", "in_coords", "j",
                     "pipeline_control"}
-PARTICLES_OUT = "particles.star"
+PARTICLES_OUT = PARTICLES_FILE
 # options that take exactly one argv item: words after them are stray (RELION's additional arguments)
 SINGLE_VALUE_OPTIONS = {"o", "j", "pipeline_control"}
 MAP_NODE_KINDS = ("consensus", "kmeans", "pc", "flexibility")  # attention maps are index maps: no nodes
-
-
-class UsageError(ValueError):
-    pass
 
 
 class Terminated(BaseException):
@@ -167,9 +169,6 @@ def _node_name(path: Path, out_dir: Path) -> str:
 def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
         should_abort: Callable[[], bool] | None = None) -> str | None:
     """The job proper; returns the exit file name to write (None: a torchrun rank > 0). Raises on errors."""
-    from cryoformer_ext.star_io import read_particles_star
-
-    cwd = Path.cwd()
     version = _nodes.detect_version(out_dir)
     log.out(f"RELION version (from {out_dir / 'job.star'}): "
             + (version or "unknown (no job.star; writing 3.1 + 4.0 node types)"))
@@ -179,42 +178,17 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     if _select.wanted(opts):  # a particle subset instead of training (label select_classes)
         return _select.run_select(opts, out_dir, version, log)
 
-    in_parts = opts.get("in_parts")
-    if not in_parts:
-        raise UsageError("no input particles: set 'Input particles' (--in_parts) to a particles STAR file")
-    for k in ("in_3dref", "in_mask", "in_movies", "in_mics", "in_coords"):
-        if opts.get(k):
-            log.out(f"note: --{k} {opts[k]} is not used by cryoFormer")
-
-    params = {k: v for k, v in opts.items() if k not in PROTOCOL_OPTIONS}
-    unknown = [k for k in params if k.replace("-", "_") not in JobConfig.model_fields]
-    for k in unknown:
-        log.out(f"WARNING: ignoring unknown option --{k} {params[k] or ''} (known parameters: "
-                f"{', '.join(JobConfig.model_fields)})")
-        params.pop(k)
-    if "j" in opts and "threads" not in params and opts["j"]:
-        params["threads"] = opts["j"]
+    in_parts, params = _inputs_and_parameters(opts, log)
     config = JobConfig.from_strings(params, source="External job parameters")
-
-    log.out(f"reading particles {in_parts} (image paths relative to {cwd})")
-    star = read_particles_star(in_parts, root=cwd, check_images=True, require_ctf=config.ctf)
-    rec = star.record
-    log.out(f"{rec.n_particles} particles, box {rec.box}, {rec.pixel_size_A:.4f} Å/px, RELION {rec.relion_format}"
-            f" STAR{'' if rec.version is None else f' (version {rec.version})'}, "
-            f"{len(rec.optics_groups)} optics group(s), {len(rec.stack_files)} stack file(s), "
-            f"poses: {'yes' if rec.has_poses else 'no'}, CTF: {'yes' if rec.has_ctf else 'no'}")
-    for w in rec.warnings:
-        log.out(f"note: {w}")
-    if not rec.has_poses:
-        if "poses" in params and config.poses != "predict":
-            raise JobConfigError(f"poses = {config.poses} needs particle orientations, but {in_parts} has no "
-                                 "rlnAngleRot/rlnAngleTilt/rlnAnglePsi; use poses = predict")
-        if config.poses != "predict":
-            log.out("the particles have no orientations: poses = predict")
-            config.poses = "predict"
+    star = _read_particles(in_parts, config, log)
+    chosen = config.for_particles(star.record.has_poses, explicit="poses" in params,
+                                  missing=f"{in_parts} has no rlnAngleRot/rlnAngleTilt/rlnAnglePsi")
+    if chosen.poses != config.poses:
+        log.out("the particles have no orientations: poses = predict")
+    config = chosen
     log.out("settings: " + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()))
 
-    from cryoformer_ext.job import JobAborted, run_job
+    from cryoformer_ext.job.run import JobAborted, run_job
 
     abort = should_abort or (lambda: _nodes.abort_requested(out_dir))
     try:
@@ -225,12 +199,55 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
         log.out("aborted on request (RELION_JOB_ABORT_NOW); the last checkpoint is kept: "
                 "run again with the same output directory (Continue) to resume")
         return _nodes.EXIT_ABORTED
+    part_path = _write_particles(star, result, out_dir, log)
+    _write_nodes(result, part_path, out_dir, version, log)
+    return _nodes.EXIT_SUCCESS
 
-    latents = getattr(result, "latents", None)
-    labels = getattr(result, "labels", None)
-    if latents is not None and getattr(latents, "size", 1) == 0:
+
+def _inputs_and_parameters(opts: dict[str, str | None], log: _Log) -> tuple[str, dict[str, str | None]]:
+    """The input particles and the job parameters among RELION's options (unknown ones are warned about
+    and dropped, RELION's thread count is ``threads`` unless that is set)."""
+    in_parts = opts.get("in_parts")
+    if not in_parts:
+        raise UsageError("no input particles: set 'Input particles' (--in_parts) to a particles STAR file")
+    for k in ("in_3dref", "in_mask", "in_movies", "in_mics", "in_coords"):
+        if opts.get(k):
+            log.out(f"note: --{k} {opts[k]} is not used by cryoFormer")
+    params = {k: v for k, v in opts.items() if k not in PROTOCOL_OPTIONS}
+    unknown = [k for k in params if k.replace("-", "_") not in JobConfig.model_fields]
+    for k in unknown:
+        log.out(f"WARNING: ignoring unknown option --{k} {params[k] or ''} (known parameters: "
+                f"{', '.join(JobConfig.model_fields)})")
+        params.pop(k)
+    if "j" in opts and "threads" not in params and opts["j"]:
+        params["threads"] = opts["j"]
+    return in_parts, params
+
+
+def _read_particles(in_parts: str, config: JobConfig, log: _Log) -> "ParticleStar":
+    from cryoformer_ext.formats.star import read_particles_star
+
+    cwd = Path.cwd()
+    log.out(f"reading particles {in_parts} (image paths relative to {cwd})")
+    star = read_particles_star(in_parts, root=cwd, check_images=True, require_ctf=config.ctf)
+    rec = star.record
+    log.out(f"{rec.n_particles} particles, box {rec.box}, {rec.pixel_size_A:.4f} Å/px, RELION {rec.relion_format}"
+            f" STAR{'' if rec.version is None else f' (version {rec.version})'}, "
+            f"{len(rec.optics_groups)} optics group(s), {len(rec.stack_files)} stack file(s), "
+            f"poses: {'yes' if rec.has_poses else 'no'}, CTF: {'yes' if rec.has_ctf else 'no'}")
+    for w in rec.warnings:
+        log.out(f"note: {w}")
+    return star
+
+
+def _write_particles(star: "ParticleStar", result: "JobResult", out_dir: Path, log: _Log) -> Path:
+    """``particles.star``: every input column, the latents, the k-means class, and the predicted
+    orientations when the input had none."""
+    latents = result.latents
+    labels = result.labels
+    if latents is not None and latents.size == 0:
         latents = None
-    predicted = getattr(result, "predicted_poses", None)
+    predicted = result.predicted_poses
     extra = star.predicted_pose_columns(predicted)
     if extra:
         log.out("the particles had no orientations: writing the predicted ones (rlnAngleRot/Tilt/Psi, origins)")
@@ -239,7 +256,10 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     part_path = star.write(out_dir / PARTICLES_OUT, latents=latents, labels=labels, extra=extra)
     log.out(f"wrote {part_path}" + ("" if latents is None else f" with rlnCryoformerZ1..{latents.shape[1]}")
             + ("" if labels is None else " and rlnClassNumber (k-means class, 1-based)"))
+    return part_path
 
+
+def _write_nodes(result: "JobResult", part_path: Path, out_dir: Path, version, log: _Log) -> None:
     node_list = [(_node_name(part_path, out_dir), "particles")]
     for m in result.maps:
         if m.kind in MAP_NODE_KINDS:
@@ -249,7 +269,6 @@ def run(opts: dict[str, str | None], out_dir: Path, log: _Log, *,
     _nodes.write_output_nodes(out_dir, node_list, version)
     log.out(f"output nodes: {len(node_list)} ({sum(1 for _, k in node_list if k == 'map')} maps, "
             f"{result.map_pixel_size_A:.4f} Å/voxel)")
-    return _nodes.EXIT_SUCCESS
 
 
 def main(argv: list[str] | None = None) -> int:

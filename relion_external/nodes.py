@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from cryoformer_ext.outputs import atomic_write_text, touch
+from cryoformer_ext.formats.atomic import atomic_write_text, touch
 
 EXIT_SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 EXIT_FAILURE = "RELION_JOB_EXIT_FAILURE"

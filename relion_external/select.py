@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryoformer_ext.config import JobConfig
-from cryoformer_ext.star_io import CLASS_LABEL, StarFileError, read_particles_star
-from cryoformer_ext.subset_io import write_star_subset
+from cryoformer_ext.config import JobConfig, parse_yes_no
+from cryoformer_ext.formats.star import CLASS_LABEL, StarFileError, read_particles_star
+from cryoformer_ext.formats.subsets import write_star_subset
+from cryoformer_ext.jobdir import PARTICLES_FILE
 
 from . import nodes as _nodes
+from .usage import UsageError
 
 LABEL = "select_classes"
 INVERT_LABEL = "select_invert"
-PARTICLES_OUT = "particles.star"
+PARTICLES_OUT = PARTICLES_FILE
 
 
 def wanted(opts: dict[str, str | None]) -> bool:
@@ -31,9 +33,7 @@ def wanted(opts: dict[str, str | None]) -> bool:
 
 
 def _classes(value: str | None) -> list[int]:
-    from cryoformer_ext.job_files import JobFilesError, parse_int_list
-
-    from .cli import UsageError
+    from cryoformer_ext.jobdir import JobFilesError, parse_int_list
 
     try:
         return parse_int_list(value or "", LABEL)
@@ -42,17 +42,8 @@ def _classes(value: str | None) -> list[int]:
 
 
 def _invert(value: str | None, present: bool) -> bool:
-    """``select_invert`` yes/no; a bare label (empty value) means yes."""
-    from .cli import UsageError
-
-    if not present:
-        return False
-    low = (value or "yes").strip().lower()
-    if low in ("1", "true", "yes", "y", "on"):
-        return True
-    if low in ("0", "false", "no", "n", "off"):
-        return False
-    raise UsageError(f"parameter {INVERT_LABEL}: expected yes or no, got {value!r}")
+    """``select_invert`` yes/no (the job parameters' rule); a bare label (empty value) means yes."""
+    return parse_yes_no(value, INVERT_LABEL, "External job parameters") if present else False
 
 
 def class_mask(particles: pd.DataFrame, classes: list[int], source: str) -> np.ndarray:
@@ -71,8 +62,6 @@ def class_mask(particles: pd.DataFrame, classes: list[int], source: str) -> np.n
 
 def run_select(opts: dict[str, str | None], out_dir: Path, version, log) -> str:
     """Write the subset and its output node; returns the exit file to write."""
-    from .cli import UsageError
-
     in_parts = opts.get("in_parts")
     if not in_parts:
         raise UsageError(f"{LABEL}: set 'Input particles' (--in_parts) to the particles.star of a cryoFormer job")

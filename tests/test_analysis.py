@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from cryoformer_ext import analyze_cli
-from cryoformer_ext.analysis import AnalysisResult, analyze
+from cryoformer_ext.commands import analyze as analyze_cli
+from cryoformer_ext.analysis.analyze import AnalysisResult, analyze
 
 STATIC_A = np.array([-14.0, 0.0, 0.0])  # static blob centre (x, y, z) in Å
 MOVING_BASE_A = np.array([12.0, 0.0, 0.0])  # moving blob at motion 0

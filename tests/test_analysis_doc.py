@@ -1,7 +1,7 @@
 """docs/analysis.md's worked example, command by command.
 
 The ```bash block after the ``worked-example`` marker is parsed out of the document and every line is
-run as written (``cryoformer`` through ``cryoformer_ext.cli.main``, the console script's entry point, in
+run as written (``cryoformer`` through ``cryoformer_ext.commands.main``, the console script's entry point, in
 this process; RELION programs from PATH),
 except two size options that would not fit the test budget: ``--n 1000`` becomes ``--n 200`` and
 ``--epochs 6`` becomes ``--epochs 1``. Then the files each step promises are checked. So the document
@@ -22,7 +22,7 @@ import pytest
 import starfile
 
 from chimerax_cxc import check_script
-from cryoformer_ext import cli
+import cryoformer_ext.commands as cli
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "analysis.md"
@@ -55,7 +55,7 @@ def test_worked_example_runs_as_documented(tmp_path, monkeypatch):
         argv = shlex.split(cmd)
         if argv[0] == "cd":
             monkeypatch.chdir(argv[1])
-        elif argv[0] == "cryoformer":  # the console script is cryoformer_ext.cli:main; in-process saves imports
+        elif argv[0] == "cryoformer":  # the console script is cryoformer_ext.commands:main; in-process saves imports
             assert cli.main(argv[1:]) == 0, cmd
         else:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=300)

@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 
 from cryoformer.data import ArraySource, ParticleData
 from cryoformer.simulate import moving_domain_mask, simulate, true_volume
-from cryoformer_ext import analyze_cli
+from cryoformer_ext.commands import analyze as analyze_cli
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.job import run_job
+from cryoformer_ext.job.run import run_job
 
 pytestmark = [pytest.mark.slow]
 

@@ -104,7 +104,7 @@ def test_built_images_show_their_labelled_state(letter):
     trilinear projector), better than any other state's."""
     from bench.suite.build import build_blob_dataset
     from cryoformer.render import corrupt, project_volume
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     with tempfile.TemporaryDirectory() as tmp:
         truth = build_blob_dataset(letter, Path(tmp), 24, BOX, 0.0, seed=3)
@@ -225,7 +225,7 @@ def test_adk_frames_move_the_lid_and_nmp_domains_not_the_core():
 def test_built_atomic_images_show_their_labelled_frame():
     from bench.suite.build import build_atomic_dataset
     from cryoformer.render import corrupt, project_volume
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     _adk_files_or_skip()
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,9 +28,9 @@ from cryosparc.models.project import Project
 from cryosparc.models.user import User
 from cryosparc.tools import CryoSPARC
 
-from cryoformer_ext import cs_io
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.outputs import write_mrc
+from cryoformer_ext.formats.atomic import write_mrc
 from cryosparc_job import cli
 from cryosparc_job.common import parse_engine_args, planned_volumes
 from cryosparc_job.live import LiveError, LiveSettings, run_live
@@ -61,7 +61,7 @@ class FakeEngine:
         self.fail = fail
 
     def __call__(self, data, config, out_dir, *, log=print, should_abort=lambda: False):
-        from cryoformer_ext.analysis import MapRecord
+        from cryoformer_ext.analysis.analyze import MapRecord
 
         self.calls.append(dict(data=data, config=config, out_dir=Path(out_dir), abort=should_abort()))
         log("epoch 1/1 step 1/2 loss 0.5")
@@ -232,8 +232,8 @@ def test_planned_volumes_match_analysis_names():
     assert len([p for p in planned_volumes(JobConfig(zdim=1, pcs=2, pc_steps=3), 100) if "pc" in p.name]) == 3
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "cryoformer_ext" / "job.py").exists(),
-                    reason="cryoformer_ext/job.py (run_job) not written yet")
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "cryoformer_ext" / "job" / "run.py").exists(),
+                    reason="cryoformer_ext/job/run.py (run_job) not written yet")
 def test_offline_end_to_end_real_engine(tmp_path):
     """The real engine on the 7 real EMPIAR-10076 images (no poses -> orientation encoder), tiny model."""
     proj, cs_file = project_copy(tmp_path)

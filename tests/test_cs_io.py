@@ -1,4 +1,4 @@
-"""cryoSPARC .cs <-> engine data (cryoformer_ext.cs_io), checked on real cryoSPARC files.
+"""cryoSPARC .cs <-> engine data (cryoformer_ext.formats.cs), checked on real cryoSPARC files.
 
 Oracles are independent of this code: cryoDRGN's expected parser outputs for the same file
 (``pose.cs.pkl``, ``ctf2.pkl``), the RELION STAR of the same seven particles read by the RELION path,
@@ -18,8 +18,8 @@ import yaml
 from cryosparc.dataset import Dataset
 
 from cryoformer.poses import random_rotations, rotation_angle_deg
-from cryoformer_ext import cs_io
-from cryoformer_ext.cs_io import CsInputError
+from cryoformer_ext.formats import cs as cs_io
+from cryoformer_ext.formats.cs import CsInputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CS = DATA / "cryosparc"
@@ -124,7 +124,7 @@ def test_empiar_images_are_the_stack_in_blob_idx_order():
 
 
 def test_empiar_cs_and_star_paths_agree():
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     cs_data = cs_io.particles_from_dataset(cs_io.load_cs(EMPIAR_CS), CS).data
     star_data = read_particles_star(EMPIAR_STAR, root=CS).data

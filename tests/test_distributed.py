@@ -28,7 +28,7 @@ from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.simulate import simulate
 from cryoformer.train import TrainConfig, train
 from cryoformer_ext.config import JobConfig, JobConfigError
-from cryoformer_ext.launch import Plan, WorkerFailed, job_plan, spawn
+from cryoformer_ext.job.launch import Plan, WorkerFailed, job_plan, spawn
 
 TINY = dict(box=16, pixel_size_A=8.0, zdim=2, tokens=8, channels=16, heads=2, enc_layers=2, enc_dim=32,
             hash_levels=8, hash_log2_size=12, data_scale=1.0,
@@ -124,13 +124,13 @@ HOLD_S = 120.0  # the longest a held rank waits for the abort request before the
 
 
 def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_abort):
-    """A worker's job (replaces ``cryoformer_ext.job._run_job`` in the launcher; the spawned workers import
+    """A worker's job (replaces ``cryoformer_ext.job.run._run_job`` in the launcher; the spawned workers import
     this module): each rank holds the first step of epoch 2 until it sees the abort request, so the request
     always arrives during epoch 2, whatever the machine's speed. The abort must then stop both ranks at the
     next step's poll, before epoch 2 ends."""
     import functools
 
-    import cryoformer_ext.job as job_mod
+    import cryoformer_ext.job.run as job_mod
 
     def hold(epoch: int, step: int) -> None:
         if (epoch, step) == (1, 1):
@@ -153,8 +153,8 @@ def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
 
     The host asks to abort once epoch 1 is logged as done; the workers hold epoch 2 until they see it
     (above), so the abort arrives at a defined point and must stop both ranks within epoch 2."""
-    import cryoformer_ext.job as job_mod
-    from cryoformer_ext.job import JobAborted, run_job
+    import cryoformer_ext.job.run as job_mod
+    from cryoformer_ext.job.run import JobAborted, run_job
 
     data = _data()
     cfg = JobConfig(epochs=2, zdim=2, train_box=16, tokens=8, channels=16, enc_layers=2, enc_dim=32, batch_size=6,

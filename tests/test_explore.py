@@ -28,8 +28,8 @@ from cryosparc.dataset import Dataset
 from chimerax_cxc import CxcError, check_script
 from cryoformer.infer import Reconstruction
 from cryoformer.simulate import simulate
-from cryoformer_ext import cli
-from cryoformer_ext.simulation_io import write_simulated
+import cryoformer_ext.commands as cli
+from cryoformer_ext.formats.simulation import write_simulated
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--zdim", "4", "--train_box", "16", "--tokens", "8", "--channels", "16",
@@ -400,7 +400,7 @@ def test_cs_subset_reads_in_cryosparc_tools_4(job, tmp_path):
 def test_homogeneous_analysis_writes_a_consensus_script(tmp_path):
     from test_analysis import FakeGenerator
 
-    from cryoformer_ext.analysis import analyze
+    from cryoformer_ext.analysis.analyze import analyze
 
     analyze(None, FakeGenerator(zdim=0), tmp_path, log=lambda m: None)
     assert [p.name for p in (tmp_path / "chimerax").glob("*.cxc")] == ["consensus.cxc"]

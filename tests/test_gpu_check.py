@@ -1,7 +1,7 @@
 """``bench/gpu_check.py --cpu-dry-run``: the GPU check starts and reaches its end.
 
 The dry run executes every check of the GPU script on the CPU at a tiny size (two gloo ranks stand in
-for two GPUs, CPU bf16 autocast for a bf16 GPU), so a GPU session is not spent on a script that fails
+for two GPUs, CPU bf16 autocast for a bf16 GPU), so time on a GPU machine is not spent on a script that fails
 at its first line. On the CPU the kill-and-continue check must be exact: the arithmetic repeats.
 """
 
@@ -61,13 +61,13 @@ def test_skipped_and_timed_out_checks_are_reported_apart(capsys):
 
 def test_bench_default_model_is_the_jobs():
     """The benchmarks build the job's model without importing the job layer (mrcfile may be absent on a GPU
-    machine): the same ModelConfig as ``cryoformer_ext.job.model_config_for``."""
+    machine): the same ModelConfig as ``cryoformer_ext.job.run.model_config_for``."""
     from default_model import default_model_config
 
     from cryoformer.data import ArraySource, ParticleData
     from cryoformer.simulate import simulate
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import model_config_for
+    from cryoformer_ext.job.run import model_config_for
 
     sim = simulate(4, 32, pixel_size_A=4.0, seed=0)
     data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)

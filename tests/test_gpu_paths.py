@@ -1,4 +1,4 @@
-"""The CUDA code paths, tested on a CPU (issue 12): no GPU has run this code.
+"""The CUDA code paths, tested on a CPU, where no GPU runs this code.
 
 What needs a GPU is reached by monkeypatching ``torch.cuda`` functions that record the devices and
 dtypes they are called with (RNG state, ``set_device``, capability, id mapping), by CPU autocast where its
@@ -549,7 +549,7 @@ def test_bench_distributed_binds_ranks_inside_the_allocation(monkeypatch, tmp_pa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_distributed
 
-    import cryoformer_ext.launch as launch
+    import cryoformer_ext.job.launch as launch
 
     _fake_gpus(monkeypatch, 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake")
@@ -567,7 +567,7 @@ def test_bench_distributed_binds_ranks_inside_the_allocation(monkeypatch, tmp_pa
 
 def test_torchrun_rank_without_a_gpu_id_gets_a_clear_error(monkeypatch):
     from cryoformer_ext.config import JobConfig, JobConfigError
-    from cryoformer_ext.launch import joined_group
+    from cryoformer_ext.job.launch import joined_group
 
     _fake_gpus(monkeypatch, 4)
     monkeypatch.setenv("LOCAL_RANK", "2")
@@ -583,7 +583,7 @@ def test_process_group_device_id_only_where_torch_has_it(monkeypatch, has_device
     import torch.distributed as tdist
 
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.launch import joined_group
+    from cryoformer_ext.job.launch import joined_group
 
     bound = []
     _fake_gpus(monkeypatch, 2, set_device=lambda d: bound.append(torch.device(d)))
@@ -752,7 +752,7 @@ def test_srun_tasks_without_torchrun_are_refused_with_the_launch_to_use():
     """``srun -n 4 cryoformer train``: four processes that are no group would each train the whole job into
     one folder; under torchrun (RANK set) or in a batch script's single process nothing is refused."""
     from cryoformer_ext.config import JobConfig, JobConfigError
-    from cryoformer_ext.launch import job_plan
+    from cryoformer_ext.job.launch import job_plan
 
     srun = {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4", "SLURM_LOCALID": "2"}
     with pytest.raises(JobConfigError, match=r"Slurm task 2 of 4 \(srun -n 4\).*srun --ntasks-per-node=1 torchrun"):

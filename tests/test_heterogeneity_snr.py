@@ -18,8 +18,8 @@ from cryoformer.infer import Reconstruction
 from cryoformer.simulate import simulate, true_volume
 from cryoformer.train import estimate_data_scale, train
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.job import model_config_for, train_config_for
-from cryoformer_ext.recovery import latent_scores, state_scores
+from cryoformer_ext.job.run import model_config_for, train_config_for
+from cryoformer_ext.analysis.recovery import latent_scores, state_scores
 
 DATA_BOX, TRAIN_BOX, N, STATES, SNR, EPOCHS = 64, 32, 2000, 3, 0.1, 16
 

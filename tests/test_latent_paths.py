@@ -2,7 +2,7 @@
 
 The oracle for the graph traversal is cryoDRGN's test suite (``tests/test_graph_traversal.py`` of
 ml-struct-bio/cryodrgn): the paths and lengths it asserts for ``cryodrgn graph_traversal`` on its latent
-files ``zvals_het-2_1k.pkl`` (2-D) and ``zvals_het-8_4k.pkl`` (8-D), copied into ``shared/data/cryodrgn``.
+files ``zvals_het-2_1k.pkl`` (2-D) and ``zvals_het-8_4k.pkl`` (8-D), copied into the test fixtures (``data/cryodrgn``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pickletools
 import numpy as np
 import pytest
 
-from cryoformer_ext.cryodrgn_io import write_ind_pkl, write_z_pkl
-from cryoformer_ext.latent_paths import NoPathError, graph_path, resample_path, straight_line
+from cryoformer_ext.formats.cryodrgn import write_ind_pkl, write_z_pkl
+from cryoformer_ext.analysis.paths import NoPathError, graph_path, resample_path, straight_line
 
 # (file, anchors, max_neighbors, avg_neighbors) -> (path, total distance, cut-off) as printed by cryoDRGN
 CRYODRGN_PATHS = [

@@ -7,7 +7,7 @@ import pytest
 
 from cryoformer.metrics import fsc, fsc_auc, resolution_px
 from cryoformer.simulate import true_volume
-from cryoformer_ext.outputs import write_mrc
+from cryoformer_ext.formats.atomic import write_mrc
 
 
 def test_fsc_identical_and_independent_noise():

@@ -17,7 +17,7 @@ from cryoformer.lattice import sphere_mask
 from cryoformer.simulate import simulate, true_volume
 from cryoformer.train import estimate_data_scale, train
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.job import model_config_for, train_config_for
+from cryoformer_ext.job.run import model_config_for, train_config_for
 
 BOX, N, EPOCHS = 24, 1000, 6
 TS = np.linspace(0.1, 0.9, 4)

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from cryoformer_ext.eval_cli import default_box
-from cryoformer_ext.job import output_map_box
+from cryoformer_ext.commands.eval import default_box
+from cryoformer_ext.job.run import output_map_box
 from cryoformer_ext.config import JobConfig
-from cryoformer_ext.job_files import InputScale, JobFilesError, read_input_scale, write_input_scale
+from cryoformer_ext.jobdir import InputScale, JobFilesError, read_input_scale, write_input_scale
 
 
 def test_eval_defaults_to_the_recorded_particle_box(tmp_path):

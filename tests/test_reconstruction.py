@@ -14,8 +14,8 @@ from cryoformer.model import ModelConfig
 from cryoformer.poses import random_rotations
 from cryoformer.simulate import simulate, true_volume
 from cryoformer.train import TrainConfig, estimate_data_scale, train
-from cryoformer_ext.outputs import write_mrc
-from cryoformer_ext.star_io import read_particles_star, write_simulated_star
+from cryoformer_ext.formats.atomic import write_mrc
+from cryoformer_ext.formats.star import read_particles_star, write_simulated_star
 
 # the smallest set that separates the states: with 1,000 particles (same epochs) k-means agreed with the
 # true states on only 73.7% of the particles

@@ -25,13 +25,13 @@ from cryosparc.dataset import Dataset
 
 from cryoformer.simulate import simulate
 from cryoformer.train import CHECKPOINT_NAME, CheckpointWriteError, train
-from cryoformer_ext import cli as main_cli
-from cryoformer_ext import cs_io
+import cryoformer_ext.commands as main_cli
+from cryoformer_ext.formats import cs as cs_io
 from cryoformer_ext.config import NO_CTF_LOG, JobConfig, JobConfigError
-from cryoformer_ext.job import JobAborted, run_job
-from cryoformer_ext.outputs import atomic_write_text, save_npy, write_mrc
-from cryoformer_ext.simulation_io import write_simulated
-from cryoformer_ext.star_io import StarFileError, read_particles_star
+from cryoformer_ext.job.run import JobAborted, run_job
+from cryoformer_ext.formats.atomic import atomic_write_text, save_npy, write_mrc
+from cryoformer_ext.formats.simulation import write_simulated
+from cryoformer_ext.formats.star import StarFileError, read_particles_star
 from cryosparc_job import cli as cs_cli
 from cryosparc_job.offline import run_offline
 from relion_external import cli, nodes
@@ -331,7 +331,7 @@ def test_cli_ctrl_c_exits_130_with_a_message(sim, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cryoformer_ext.job.run_job", interrupted)
+    monkeypatch.setattr("cryoformer_ext.job.run.run_job", interrupted)
     rc = main_cli.main(["train", "--particles", "Sim/particles.star", "--out", "out"])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
 
@@ -344,13 +344,13 @@ def test_cli_ctrl_c_exits_130_with_a_message(sim, monkeypatch, capsys):
     (OSError(errno.ENOSPC, "No space left on device", "External/job006/x.mrc"), "no space left on device while writing External/job006/x.mrc"),
 ])
 def test_relion_mode_failures_are_messages(project, monkeypatch, capsys, error, expect):
-    mod = type(sys)("cryoformer_ext.job")
+    mod = type(sys)("cryoformer_ext.job.run")
 
     def run_job(*a, **k):
         raise error
 
     mod.run_job, mod.JobAborted = run_job, RuntimeError
-    monkeypatch.setitem(sys.modules, "cryoformer_ext.job", mod)
+    monkeypatch.setitem(sys.modules, "cryoformer_ext.job.run", mod)
     rc = cli.main(["--o", "External/job006/", "--in_parts", "Import/particles.star"])
     err = capsys.readouterr().err
     assert rc == 1 and exit_files(project / "External" / "job006") == [nodes.EXIT_FAILURE]

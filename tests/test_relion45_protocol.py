@@ -1,4 +1,4 @@
-"""The External-job protocol against RELION 4.0's and 5.0's own code (../shared/tools/relion-protocol).
+"""The External-job protocol against RELION 4.0's and 5.0's own code (built next to the test fixtures).
 
 ``pipehN`` schedules and runs our job through that version's real pipeliner (``addScheduledJob`` +
 ``runScheduledJobs``: it builds the command line, writes ``job.star``, deletes the exit files and the
@@ -22,7 +22,7 @@ import pytest
 import starfile
 
 from cryoformer.simulate import simulate
-from cryoformer_ext.simulation_io import write_simulated
+from cryoformer_ext.formats.simulation import write_simulated
 from relion_external import cli, nodes
 from test_relion_pipeline import _unlock, _wait_for, relion_exe, sh
 
@@ -53,7 +53,7 @@ HELD = """#!{python}
 import functools, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-import cryoformer_ext.job as job
+import cryoformer_ext.job.run as job
 from relion_external import nodes
 from relion_external.cli import main
 out = Path(sys.argv[sys.argv.index("--o") + 1])

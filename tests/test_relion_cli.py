@@ -124,10 +124,10 @@ def install_fake_job(monkeypatch, *, abort: bool = False, zdim: int = 3, k: int 
                                      labels=np.arange(n) % k, maps=maps, map_pixel_size_A=2.0,
                                      predicted_poses=predicted)
 
-    mod = types.ModuleType("cryoformer_ext.job")
+    mod = types.ModuleType("cryoformer_ext.job.run")
     mod.run_job = run_job
     mod.JobAborted = FakeAborted
-    monkeypatch.setitem(sys.modules, "cryoformer_ext.job", mod)
+    monkeypatch.setitem(sys.modules, "cryoformer_ext.job.run", mod)
     return calls
 
 
@@ -254,8 +254,8 @@ def test_sigterm_ends_as_aborted(project):
         "    for _ in range(600):\n"
         "        time.sleep(0.05)\n"
         "    raise AssertionError('not terminated')\n"
-        "m = types.ModuleType('cryoformer_ext.job'); m.run_job = run_job; m.JobAborted = RuntimeError\n"
-        "sys.modules['cryoformer_ext.job'] = m\n"
+        "m = types.ModuleType('cryoformer_ext.job.run'); m.run_job = run_job; m.JobAborted = RuntimeError\n"
+        "sys.modules['cryoformer_ext.job.run'] = m\n"
         "from relion_external.cli import main\n"
         "sys.exit(main())\n")
     out = project / "External" / "job009"

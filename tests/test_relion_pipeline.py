@@ -55,7 +55,7 @@ def make_map() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    from cryoformer_ext.star_io import write_simulated_star
+    from cryoformer_ext.formats.star import write_simulated_star
 
     d = tmp_path_factory.mktemp("project")
     with mrcfile.new(d / "map.mrc") as m:
@@ -147,7 +147,7 @@ def reconstruct(project: Path, star: str, out: str) -> None:
 
 def test_star_handler_keeps_our_columns(project, tmp_path):
     """RELION reads rlnClassNumber as we write it and keeps rlnCryoformerZ* through its tools."""
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     ps = read_particles_star(project / "Simulated" / "particles.star", root=project)
     rng = np.random.default_rng(5)

@@ -12,8 +12,8 @@ from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.poses import random_rotations
 from cryoformer.render import corrupt, project_volume
 from cryoformer.simulate import analytic_projection, blob_model, true_volume
-from cryoformer_ext.outputs import write_mrc
-from cryoformer_ext.star_io import write_simulated_star
+from cryoformer_ext.formats.atomic import write_mrc
+from cryoformer_ext.formats.star import write_simulated_star
 
 BOX, APIX, N = 32, 3.0, 8
 

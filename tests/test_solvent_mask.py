@@ -10,8 +10,8 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoformer_ext.label_resample import resample_nearest
-from cryoformer_ext.solvent_mask import SoftMaskSettings, relion_soft_mask, soft_mask
+from cryoformer_ext.analysis.label_resample import resample_nearest
+from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings, relion_soft_mask, soft_mask
 
 BOX, APIX = 40, 2.5
 

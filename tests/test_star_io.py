@@ -21,7 +21,7 @@ from scipy.spatial.transform import Rotation
 
 from cryoformer.data import CTFParams
 from cryoformer.poses import random_rotations
-from cryoformer_ext.star_io import (StarFileError, add_result_columns, read_particles_star,
+from cryoformer_ext.formats.star import (StarFileError, add_result_columns, read_particles_star,
                                     write_particles_star, write_simulated_star)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryoformer_ext.umap_embed import umap_embedding
+from cryoformer_ext.analysis.umap_embed import umap_embedding
 
 
 def two_clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

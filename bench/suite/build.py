@@ -82,7 +82,7 @@ def dataset_key(letter: str, name: str, snr: float) -> str:
 
 def build_suite(out: Path, kinds: list[str], snrs: list[float], n: int, box: int, seed: int) -> dict:
     """Every kind at every SNR; ``suite.json`` lists the datasets with their build times."""
-    from cryoformer_ext.outputs import atomic_write_text
+    from cryoformer_ext.formats.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -45,8 +45,8 @@ class SuiteTruth(BaseModel):
 def write_dataset(out: Path, sim: SimulatedData, coords: np.ndarray, states: np.ndarray,
                   state_maps: np.ndarray, truth: SuiteTruth) -> Path:
     """Write the particles for both methods and the truth; returns the folder."""
-    from cryoformer_ext.outputs import atomic_write_text, save_npy, write_mrc
-    from cryoformer_ext.star_io import write_simulated_star
+    from cryoformer_ext.formats.atomic import atomic_write_text, save_npy, write_mrc
+    from cryoformer_ext.formats.star import write_simulated_star
 
     out.mkdir(parents=True, exist_ok=True)
     write_mrc(out / "particles.mrcs", sim.images, sim.pixel_size_A)

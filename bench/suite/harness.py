@@ -74,7 +74,7 @@ def epoch_outputs(method: str, ck: dict, truth: LoadedTruth, data: Path, idx: np
         vols = cryodrgn_maps(exe, ck, np.concatenate([z[idx], zs]), work, box, threads)
         return z, vols[:len(idx)], vols[len(idx):], present
     from cryoformer.infer import Reconstruction
-    from cryoformer_ext.star_io import read_particles_star
+    from cryoformer_ext.formats.star import read_particles_star
 
     rec = Reconstruction.load(ck["weights"])
     z = rec.encode(read_particles_star(data / "particles.star", data).data)

@@ -23,8 +23,8 @@ def relion_project_states(maps: np.ndarray, states: np.ndarray, acq: Acquisition
     shift and (with ``ctf``) CTF; one ``relion_project`` call per state."""
     import mrcfile
 
-    from cryoformer_ext.outputs import write_mrc
-    from cryoformer_ext.star_io import write_simulated_star
+    from cryoformer_ext.formats.atomic import write_mrc
+    from cryoformer_ext.formats.star import write_simulated_star
 
     exe = shutil.which("relion_project")
     if exe is None:

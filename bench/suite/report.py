@@ -19,7 +19,7 @@ SCORES = [("spearman", "latent |Spearman|"), ("knn_accuracy", "kNN state accurac
 def merge_runs(path: Path, run: dict, command: str) -> dict:
     """Add ``run`` to the results at ``path`` (replacing the same dataset, box and method), atomically
     and under a lock so that runs of single methods can share one file."""
-    from cryoformer_ext.outputs import atomic_write_text
+    from cryoformer_ext.formats.atomic import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
@@ -94,7 +94,7 @@ def epoch_lines(runs: list[dict]) -> list[str]:
 
 def write_suite_report(path: Path) -> Path:
     """``suite_<tag>.md`` next to the JSON, and one PNG per dataset and training box."""
-    from cryoformer_ext.outputs import atomic_write_text
+    from cryoformer_ext.formats.atomic import atomic_write_text
 
     res = json.loads(path.read_text())
     runs = res["runs"]

@@ -76,7 +76,7 @@ def state_mean_latents(z: np.ndarray, states: np.ndarray, n_states: int) -> tupl
 def moving_corr(state_vols: np.ndarray, present: np.ndarray, truth_maps: np.ndarray, tf) -> float:
     """Mean correlation of each state's map with its true map where the true states differ."""
     from bench.bench_vs_cryodrgn import _apply
-    from cryoformer_ext.recovery import masked_corr, moving_region
+    from cryoformer_ext.analysis.recovery import masked_corr, moving_region
 
     move = moving_region(list(truth_maps))
     return float(np.mean([masked_corr(_apply(v, tf), truth_maps[s], move) for v, s in zip(state_vols, present)]))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cs_io
-from .star_io import read_particles_star, write_particles_star
+from cryoformer_ext.formats import cs as cs_io
+from cryoformer_ext.formats.star import read_particles_star, write_particles_star
 
 
 class SubsetError(ValueError):

@@ -6,7 +6,7 @@ script and the folder can be moved or copied as a whole. Each script starts with
 scene), so the models it opens are numbered #1, #2, ... in the order of its ``open`` commands.
 
 Surface threshold (documented in docs/analysis.md): :data:`LEVEL_FRACTION` of the map's maximum
-(taken from the MRC header, which :func:`cryoformer_ext.outputs.write_mrc` fills from the data). One
+(taken from the MRC header, which :func:`cryoformer_ext.formats.atomic.write_mrc` fills from the data). One
 level serves a whole volume series, :data:`LEVEL_FRACTION` of the smallest maximum in the series, so
 that the level lies inside every frame's value range and a frame's surface only changes when the
 density does.
@@ -24,7 +24,7 @@ from typing import Iterable, Protocol, Sequence
 
 import mrcfile
 
-from .outputs import atomic_write_text
+from cryoformer_ext.formats.atomic import atomic_write_text
 
 LEVEL_FRACTION = 0.3
 FLEX_PALETTE = "blue-white-red"  # rigid (low standard deviation) blue -> flexible red

@@ -2,7 +2,7 @@
 
 Every figure is drawn on its own :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot, so no
 global backend or figure state is touched: safe inside RELION/cryoSPARC workers and from threads) and
-saved atomically through :func:`cryoformer_ext.outputs.atomic_path`.
+saved atomically through :func:`cryoformer_ext.formats.atomic.atomic_path`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .outputs import atomic_path
+from cryoformer_ext.formats.atomic import atomic_path
 
 MAX_SCATTER_POINTS = 20000  # more points only make the PNG slower to draw, not more informative
 
@@ -220,3 +220,32 @@ def plot_pc_series(series_profiles: np.ndarray, path: Path, *, pc: int) -> Path:
         ax.set_title(f"{i + 1}", fontsize=8)
     fig.suptitle(f"PC{pc} series (sum along z)", fontsize=9)
     return _save(fig, path)
+
+
+def write_analysis_plots(ledger, *, loss_history: list[float] | None, pca, classes, umap_coords: np.ndarray | None,
+                         km_corr: np.ndarray | None, consensus_vol: np.ndarray, flex_vol: np.ndarray | None,
+                         pc_strips: dict[int, np.ndarray], seed: int) -> None:
+    """Every plot of an analysis into ``plots/``, recorded in ``ledger`` (an
+    :class:`~cryoformer_ext.analysis.ledger.OutputLedger`); ``pca``/``classes`` are the latent steps'
+    results or None."""
+    pdir = ledger.out_dir / "plots"
+    labels = None if classes is None else classes.labels
+    if loss_history:
+        ledger.add_plot(plot_loss(loss_history, pdir / "loss.png"))
+    if pca is not None:
+        cpc = pca.model.transform(classes.centers) if classes is not None else None
+        ledger.add_plot(plot_latent_scatter(pca.coords, labels, cpc, pdir / "pca_scatter.png", seed=seed))
+        ledger.add_plot(plot_latent_density(pca.coords, cpc, pdir / "pca_density.png"))
+        ledger.add_plot(plot_explained_variance(pca.info["explained_variance_ratio"], pdir / "pca_variance.png"))
+    if umap_coords is not None:
+        cum = np.stack([umap_coords[labels == c].mean(axis=0) for c in range(len(classes.centers))])
+        ledger.add_plot(plot_latent_scatter(umap_coords, labels, cum, pdir / "umap_scatter.png",
+                                            axis_names=("UMAP1", "UMAP2"), title="Latent space (UMAP)", seed=seed))
+        ledger.add_plot(plot_latent_density(umap_coords, cum, pdir / "umap_density.png",
+                                            axis_names=("UMAP1", "UMAP2"), title="Latent density (UMAP)"))
+    if km_corr is not None and len(km_corr) >= 2:
+        ledger.add_plot(plot_correlation(km_corr, pdir / "kmeans_correlation.png"))
+    ledger.add_plot(plot_map_projections(consensus_vol, flex_vol, pdir / "maps_projections.png",
+                                         voxel_size_A=ledger.apix))
+    for p, strip in pc_strips.items():
+        ledger.add_plot(plot_pc_series(strip, pdir / f"pc{p}_series.png", pc=p))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import atomic_write_bytes
+from cryoformer_ext.formats.atomic import atomic_write_bytes
 
 
 def write_z_pkl(path: str | os.PathLike, latents: np.ndarray) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from .job_files import JobFiles, JobFilesError
+from cryoformer_ext.jobdir import JobFiles, JobFilesError
 
 
 class Selection(BaseModel):

@@ -1,4 +1,4 @@
-"""What ``eval`` and ``select`` read from a finished job: latents, k-means classes, PCA coordinates.
+"""The layout of a job folder, in one place, and what ``eval`` and ``select`` read from a finished job.
 
 A job folder is what ``cryoformer train``, ``cryoformer-relion`` (``External/jobNNN/``) or
 ``cryoformer-cryosparc`` leave behind: ``latents.npy`` and ``checkpoints/`` next to ``analysis/``. The
@@ -19,8 +19,16 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-ANALYSIS_SUBDIR = "analysis"
-OFFLINE_ENGINE_SUBDIR = "cryoformer"  # cryosparc_job.offline.ENGINE_DIR
+# every entry point writes and reads a job folder through these names
+CHECKPOINT_DIR = "checkpoints"          # the trained model (a job resumes from the last one)
+LATENTS_FILE = "latents.npy"            # (N, zdim) posterior means, input order
+CONFIG_FILE = "job_config.json"         # the JobConfig the job ran with
+LOSS_FILE = "loss_history.json"         # mean loss per epoch
+ANALYSIS_SUBDIR = "analysis"            # maps, plots, summary.json (cryoformer_ext.analysis)
+PARTICLES_FILE = "particles.star"       # the input particles with latents and k-means classes (RELION jobs)
+PREDICTED_POSES_FILE = "predicted_poses.npz"  # orientations the encoder predicted or refined
+OFFLINE_ENGINE_SUBDIR = "cryoformer"    # the engine folder inside a cryoSPARC offline output folder
+OFFLINE_PARTICLES_STEM = "cryoformer_particles"  # the offline mode's particles .cs/.csg
 
 
 class JobFilesError(ValueError):
@@ -186,7 +194,7 @@ class InputScale(BaseModel):
 
 
 def write_input_scale(job_dir: str | os.PathLike, scale: InputScale) -> Path:
-    from .outputs import atomic_write_text
+    from cryoformer_ext.formats.atomic import atomic_write_text
 
     return atomic_write_text(Path(job_dir) / INPUT_SCALE_FILE, scale.model_dump_json(indent=2) + "\n")
 

@@ -8,7 +8,7 @@ Latents, one way per call:
   so they reproduce ``analysis/kmeans/class_001.mrc`` ...);
 * ``--path A B --steps N``: N latents on the straight line from A to B;
 * ``--traverse A B [--steps N]``: along the nearest-neighbour graph of the particles' latents from A to
-  B (every map is a real particle's latent; see :mod:`cryoformer_ext.latent_paths`).
+  B (every map is a real particle's latent; see :mod:`cryoformer_ext.analysis.paths`).
 
 A and B are particles (``12`` or ``p12``, 0-based) or classes (``c3``, 1-based). ``--out`` receives the
 maps (float32 MRC, voxel size in the header), ``latents.txt`` (one row per map, in map order),
@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from . import chimerax, latent_paths
-from .analyze_cli import AnalyzeError, load_generator
-from .job_files import JobFiles, JobFilesError, engine_dir, load_job_files, parse_int_list, read_input_scale
-from .outputs import atomic_write_text, write_mrc
+from cryoformer_ext.formats import chimerax
+from cryoformer_ext.analysis import paths as latent_paths
+from cryoformer_ext.commands.analyze import AnalyzeError, load_generator
+from cryoformer_ext.jobdir import JobFiles, JobFilesError, engine_dir, load_job_files, parse_int_list, read_input_scale
+from cryoformer_ext.formats.atomic import atomic_write_text, write_mrc
 
 BATCH = 8  # latents decoded per generator call
 
@@ -202,9 +202,12 @@ def eval_job(args: argparse.Namespace, log: Callable[[str], Any] = print) -> lis
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        eval_job(args, log=lambda m: print(m, flush=True))
-    except (JobFilesError, AnalyzeError, ValueError, FileNotFoundError) as err:
-        print(f"cryoformer eval: error: {err}", file=sys.stderr)
-        return 2
+    from cryoformer_ext.commands import run_guarded
+
+    return run_guarded("eval", lambda: _done(eval_job(args, log=lambda m: print(m, flush=True))),
+                       expected=(JobFilesError, AnalyzeError, ValueError, FileNotFoundError))
+
+
+def _done(_: object) -> int:
+    """The command's result is in its files; its exit status is success."""
     return 0

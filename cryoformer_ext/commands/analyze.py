@@ -1,12 +1,12 @@
 """``cryoformer analyze <job-dir>``: redo the latent-space analysis of a finished job without retraining.
 
 It reads what the job left behind - ``checkpoints/`` (the trained model), ``latents.npy``,
-``job_config.json`` and ``loss_history.json`` - and runs :func:`cryoformer_ext.analysis.analyze` again,
+``job_config.json`` and ``loss_history.json`` - and runs :func:`cryoformer_ext.analysis.analyze.analyze` again,
 with other k-means classes, principal components, map box or seed if asked. Defaults come from the job's
 own settings, so rerunning with no option and the same seed reproduces the job's own analysis
 (same k-means labels, same maps).
 
-Wired into the main CLI by ``cryoformer_ext.cli`` through :func:`add_parser` and :func:`run`.
+Wired into the main CLI by ``cryoformer_ext.commands`` through :func:`add_parser` and :func:`run`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-ANALYSIS_SUBDIR = "analysis"  # where run_job's analysis lives inside a job folder (default output here)
+from cryoformer_ext.jobdir import ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE
 
 
 class AnalyzeError(RuntimeError):
@@ -54,7 +54,7 @@ def load_generator(job_dir: Path, checkpoint: Path | None = None, device: str | 
     from cryoformer.infer import Reconstruction, latest_checkpoint
 
     if checkpoint is None:
-        ckdir = job_dir / "checkpoints"
+        ckdir = job_dir / CHECKPOINT_DIR
         if not ckdir.is_dir():
             raise AnalyzeError(f"{job_dir}: no checkpoints/ folder; is this a cryoFormer job folder?")
         try:
@@ -89,22 +89,22 @@ def default_out_dir(job_dir: Path) -> Path:
 def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, pc_steps: int | None = None,
                 seed: int | None = None, map_box: int | None = None, out: Path | None = None,
                 checkpoint: Path | None = None, device: str | None = None, flex_samples: int = 32, log=print):
-    """Rerun the analysis of ``job_dir``; returns the :class:`~cryoformer_ext.analysis.AnalysisResult`."""
-    from .analysis import analyze
+    """Rerun the analysis of ``job_dir``; returns the :class:`~cryoformer_ext.analysis.analyze.AnalysisResult`."""
+    from cryoformer_ext.analysis.analyze import analyze
 
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         raise AnalyzeError(f"{job_dir}: not a folder")
     cfg: dict[str, Any] = {}
-    if (job_dir / "job_config.json").exists():
-        cfg = _read_json(job_dir / "job_config.json")
+    if (job_dir / CONFIG_FILE).exists():
+        cfg = _read_json(job_dir / CONFIG_FILE)
         if not isinstance(cfg, dict):
             raise AnalyzeError(f"{job_dir / 'job_config.json'}: expected a JSON object")
     else:
         log(f"analyze: {job_dir}/job_config.json not found; using default settings")
     loss = None
-    if (job_dir / "loss_history.json").exists():
-        loss = _read_json(job_dir / "loss_history.json")
+    if (job_dir / LOSS_FILE).exists():
+        loss = _read_json(job_dir / LOSS_FILE)
         if isinstance(loss, dict):  # tolerate {"loss": [...]} forms
             loss = loss.get("loss") or loss.get("loss_history")
         loss = [float(x) for x in loss] if loss else None
@@ -114,7 +114,7 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
         loss = list(gen.loss_history)
     zdim = int(gen.zdim)
     latents = None
-    lat_file = job_dir / "latents.npy"
+    lat_file = job_dir / LATENTS_FILE
     if zdim > 0:
         if not lat_file.exists():
             raise AnalyzeError(f"{job_dir}: no latents.npy; the job has not finished (resume it to write the latents)")
@@ -138,7 +138,7 @@ def analyze_job(job_dir: Path, *, k: int | None = None, pcs: int | None = None, 
 
 def _particle_box(job_dir: Path, log) -> int | None:
     """The particles' box (the maps' default), or None (the training box) for a job that did not record it."""
-    from .job_files import read_input_scale
+    from cryoformer_ext.jobdir import read_input_scale
 
     scale = read_input_scale(job_dir)
     if scale is None:
@@ -148,26 +148,28 @@ def _particle_box(job_dir: Path, log) -> int | None:
 
 
 def _mask_settings(cfg: dict[str, Any]):
-    from .solvent_mask import SoftMaskSettings
+    from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings
 
     names = {"mask_threshold": "threshold_fraction", "mask_extend": "extend_px", "mask_soft_edge": "soft_edge_px"}
     return SoftMaskSettings(**{ours: cfg[key] for key, ours in names.items() if cfg.get(key) is not None})
 
 
-def run(args: argparse.Namespace) -> int:
+def _analyze(args: argparse.Namespace) -> int:
     log = (lambda msg: None) if getattr(args, "quiet", False) else (lambda msg: print(msg, flush=True))
-    try:
-        res = analyze_job(args.job_dir, k=args.k, pcs=args.pcs, pc_steps=args.pc_steps, seed=args.seed,
-                          map_box=args.map_box, out=args.out, checkpoint=args.checkpoint, device=args.device,
-                          flex_samples=args.flex_samples, log=log)
-    except (AnalyzeError, ValueError, FileNotFoundError) as err:
-        print(f"cryoformer analyze: error: {err}", file=sys.stderr)
-        return 2
+    res = analyze_job(args.job_dir, k=args.k, pcs=args.pcs, pc_steps=args.pc_steps, seed=args.seed,
+                      map_box=args.map_box, out=args.out, checkpoint=args.checkpoint, device=args.device,
+                      flex_samples=args.flex_samples, log=log)
     print(res.summary_file)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # standalone use: python -m cryoformer_ext.analyze_cli JOB
+def run(args: argparse.Namespace) -> int:
+    from cryoformer_ext.commands import run_guarded
+
+    return run_guarded("analyze", lambda: _analyze(args), expected=(AnalyzeError, ValueError, FileNotFoundError))
+
+
+def main(argv: list[str] | None = None) -> int:  # standalone use: python -m cryoformer_ext.commands.analyze JOB
     parser = argparse.ArgumentParser(prog="cryoformer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

@@ -43,8 +43,8 @@ from pydantic import BaseModel
 from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import relion_euler_to_rot, rot_to_relion_euler
 from cryoformer_ext.config import NO_CTF_HINT
-from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
-from cryoformer_ext.outputs import atomic_write_text
+from cryoformer_ext.formats.mrc_stack import ImageStackError, MrcStackSource
+from cryoformer_ext.formats.atomic import atomic_write_text
 
 LATENT_PREFIX = "rlnCryoformerZ"
 CLASS_LABEL = "rlnClassNumber"
@@ -262,14 +262,51 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
     """
     path = Path(path)
     root = Path(root) if root is not None else Path.cwd()
+    b = _particle_block(path)
+    opt = _optics_31(b) if b.fmt == "3.1" else _optics_30(b)
+    if not opt.pixel > 0:
+        raise StarFileError(f"{path}: pixel size {opt.pixel} Å is not positive")
+    values = _ColumnValues(b, opt)
+    ctf = _ctf(b, values, require_ctf)
+    rot, shift = _poses(b, values, opt.pixel)
+    source, stack_files, box = _image_source(b, root, check_images, opt.box)
+    record = StarRecord(
+        path=str(path), root=str(root), relion_format=b.fmt, version=b.version, particles_block=b.pblock,
+        n_particles=b.n, box=box, pixel_size_A=opt.pixel, optics_groups=opt.infos, has_poses=rot is not None,
+        has_ctf=ctf is not None, stack_files=stack_files, images_checked=check_images, warnings=b.notes)
+    data = ParticleData(images=source, pixel_size_A=opt.pixel, ctf=ctf, rot=rot, shift_px=shift,
+                        meta={"star": str(path), "optics_group": opt.group_of})
+    return ParticleStar(record=record, data=data, optics=b.optics, particles=b.particles)
+
+
+@dataclass
+class _Block:
+    """The particle table of a STAR file and where it came from (for error messages with line numbers)."""
+
+    path: Path
+    fmt: Literal["3.0", "3.1"]
+    version: int | None
+    pblock: str
+    particles: pd.DataFrame
+    optics: pd.DataFrame | None
+    ctx: _Ctx
+    first_lines: dict[str, int]
+    notes: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.particles)
+
+
+def _particle_block(path: Path) -> _Block:
+    """The particle block: ``data_particles`` next to ``data_optics`` (3.1 and later), else the block
+    with image names (3.0)."""
     text, tables, blocks = _read_tables(path)
     tomo = _tomography_marker(blocks)
     if tomo:
         raise StarFileError(f"{path}: RELION tomography particles ({tomo}) are not supported: cryoFormer "
                             "reconstructs single-particle images (2D stacks named NNNNNN@stack.mrcs)")
-    version = _version_line(text)
     first_lines = _block_lines(text)
-
     if "optics" in tables:
         fmt: Literal["3.0", "3.1"] = "3.1"
         if "particles" not in tables:
@@ -285,158 +322,201 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
         pblock = with_images[0] if with_images else ("particles" if "particles" in tables else next(iter(tables)))
         optics = None
     particles = tables[pblock].reset_index(drop=True)
-    ctx = _Ctx(path, first_lines.get(pblock))
-    n = len(particles)
-    if n == 0:
+    if len(particles) == 0:
         raise StarFileError(f"{path}: data_{pblock} holds no particles")
     if "rlnImageName" not in particles.columns:
         raise StarFileError(f"{path}: data_{pblock} has no rlnImageName column")
-    notes: list[str] = []
+    return _Block(path, fmt, _version_line(text), pblock, particles, optics, _Ctx(path, first_lines.get(pblock)),
+                  first_lines, [])
 
-    # --- optics groups, pixel size, box -----------------------------------------------------------
-    pcols = particles.columns
-    if fmt == "3.1":
-        octx = _Ctx(path, first_lines.get("optics"))
-        if "rlnOpticsGroup" not in optics.columns:
-            raise StarFileError(f"{path}: data_optics has no rlnOpticsGroup column")
-        if "rlnOpticsGroup" not in pcols:
-            if len(optics) != 1:
-                raise StarFileError(f"{path}: data_particles has no rlnOpticsGroup column but data_optics "
-                                    f"defines {len(optics)} groups")
-            group_of = np.full(n, int(optics["rlnOpticsGroup"].iloc[0]), dtype=np.int64)
-        else:
-            g = _numeric(particles, "rlnOpticsGroup", ctx, pblock)
-            group_of = g.astype(np.int64)
-        numbers = _numeric(optics, "rlnOpticsGroup", octx, "optics").astype(np.int64)
-        row_of_group = {int(k): i for i, k in enumerate(numbers)}
-        missing = sorted(set(np.unique(group_of).tolist()) - set(row_of_group))
-        if missing:
-            r = int(np.nonzero(group_of == missing[0])[0][0])
-            raise ctx.error(f"rlnOpticsGroup {missing[0]} is not defined in data_optics "
-                            f"(defined: {', '.join(map(str, sorted(row_of_group)))})", r)
-        if "rlnImagePixelSize" in optics.columns:
-            opix = _numeric(optics, "rlnImagePixelSize", octx, "optics")
-        elif "rlnDetectorPixelSize" in optics.columns and "rlnMagnification" in optics.columns:
-            opix = (_numeric(optics, "rlnDetectorPixelSize", octx, "optics") * 1e4
-                    / _numeric(optics, "rlnMagnification", octx, "optics"))
-        else:
-            raise StarFileError(f"{path}: data_optics has no rlnImagePixelSize column (needed for the pixel size "
-                                "of the particle images)")
-        obox = (_numeric(optics, "rlnImageSize", octx, "optics").astype(np.int64)
-                if "rlnImageSize" in optics.columns else None)
-        used = sorted(set(np.unique(group_of).tolist()))
-        infos = []
-        for k in used:
-            i = row_of_group[k]
 
-            def opt(col: str) -> float | None:
-                return float(pd.to_numeric(optics[col].iloc[i], errors="coerce")) if col in optics.columns else None
-            infos.append(OpticsGroupInfo(
-                number=k, name=str(optics["rlnOpticsGroupName"].iloc[i]) if "rlnOpticsGroupName" in optics.columns
-                else f"opticsGroup{k}", pixel_size_A=float(opix[i]),
-                box=int(obox[i]) if obox is not None else None, voltage_kv=opt("rlnVoltage"),
-                cs_mm=opt("rlnSphericalAberration"), amp_contrast=opt("rlnAmplitudeContrast"),
-                n_particles=int(np.sum(group_of == k))))
-        _check_groups_agree(path, infos)
-        pixel = infos[0].pixel_size_A
-        box = infos[0].box
-        grp_rows = np.array([row_of_group[int(k)] for k in group_of], dtype=np.int64)
-        col = "rlnCtfDataAreCtfPremultiplied"
-        if col in optics.columns:
-            flags = pd.to_numeric(optics[col], errors="coerce").iloc[[row_of_group[k] for k in used]]
-            if (flags == 1).any():
-                bad = [k for k, f in zip(used, flags) if f == 1]
-                raise StarFileError(f"{path}: optics group(s) {', '.join(map(str, bad))} have {col} = 1; cryoFormer "
-                                    "needs images that are not CTF-premultiplied (re-extract without premultiplication)")
-        for col, what in (("rlnBeamTiltX", "beam tilt"), ("rlnOddZernike", "odd Zernike (anisotropic) aberrations"),
-                          ("rlnEvenZernike", "even Zernike aberrations"), ("rlnMagMat00", "anisotropic magnification")):
-            if col in optics.columns:
-                notes.append(f"{what} ({col} in data_optics) is ignored by cryoFormer")
+@dataclass
+class _Optics:
+    group_of: np.ndarray        # optics group number of each particle
+    grp_rows: np.ndarray        # row of data_optics of each particle (0 for 3.0 files)
+    infos: list[OpticsGroupInfo]
+    pixel: float
+    box: int | None
+    octx: _Ctx
+
+
+def _group_of_particles(b: _Block, octx: _Ctx) -> tuple[np.ndarray, dict[int, int]]:
+    """(group number of each particle, data_optics row of each group number)."""
+    optics, path = b.optics, b.path
+    if "rlnOpticsGroup" not in optics.columns:
+        raise StarFileError(f"{path}: data_optics has no rlnOpticsGroup column")
+    if "rlnOpticsGroup" not in b.particles.columns:
+        if len(optics) != 1:
+            raise StarFileError(f"{path}: data_particles has no rlnOpticsGroup column but data_optics "
+                                f"defines {len(optics)} groups")
+        group_of = np.full(b.n, int(optics["rlnOpticsGroup"].iloc[0]), dtype=np.int64)
     else:
-        octx = ctx
-        group_of = np.ones(n, dtype=np.int64)
-        grp_rows = np.zeros(n, dtype=np.int64)
-        if "rlnImagePixelSize" in pcols:
-            pix = _numeric(particles, "rlnImagePixelSize", ctx, pblock)
-            pcol = "rlnImagePixelSize"
-        elif "rlnDetectorPixelSize" in pcols and "rlnMagnification" in pcols:
-            pix = (_numeric(particles, "rlnDetectorPixelSize", ctx, pblock) * 1e4
-                   / _numeric(particles, "rlnMagnification", ctx, pblock))
-            pcol = "rlnDetectorPixelSize * 1e4 / rlnMagnification"
-        else:
-            raise StarFileError(f"{path}: RELION 3.0 STAR file (no data_optics) without a pixel size: needs "
-                                "rlnImagePixelSize or rlnDetectorPixelSize + rlnMagnification")
-        off = np.nonzero(np.abs(pix - pix[0]) > PIXEL_TOL * pix[0])[0]
-        if len(off):
-            r = int(off[0])
-            raise ctx.error(f"pixel size {pix[r]:.6g} Å ({pcol}) differs from particle 1's {pix[0]:.6g} Å; "
-                            "cryoFormer trains one pixel size at a time", r)
-        pixel = float(pix[0])
-        box = None
-        if "rlnImageSize" in pcols:
-            box = int(_numeric(particles, "rlnImageSize", ctx, pblock)[0])
-        infos = [OpticsGroupInfo(number=1, name="(RELION 3.0: per particle)", pixel_size_A=pixel, box=box,
-                                 voltage_kv=None, cs_mm=None, amp_contrast=None, n_particles=n)]
-    if not pixel > 0:
-        raise StarFileError(f"{path}: pixel size {pixel} Å is not positive")
+        group_of = _numeric(b.particles, "rlnOpticsGroup", b.ctx, b.pblock).astype(np.int64)
+    numbers = _numeric(optics, "rlnOpticsGroup", octx, "optics").astype(np.int64)
+    row_of_group = {int(k): i for i, k in enumerate(numbers)}
+    missing = sorted(set(np.unique(group_of).tolist()) - set(row_of_group))
+    if missing:
+        r = int(np.nonzero(group_of == missing[0])[0][0])
+        raise b.ctx.error(f"rlnOpticsGroup {missing[0]} is not defined in data_optics "
+                          f"(defined: {', '.join(map(str, sorted(row_of_group)))})", r)
+    return group_of, row_of_group
 
-    def value(col: str, default: float | None) -> np.ndarray | None:
-        """Per particle column, else the optics group column, else ``default`` (None: absent)."""
-        if col in pcols:
-            return _numeric(particles, col, ctx, pblock)
-        if optics is not None and col in optics.columns:
-            return _numeric(optics, col, octx, "optics")[grp_rows]
+
+def _optics_pixel_sizes(b: _Block, octx: _Ctx) -> np.ndarray:
+    optics = b.optics
+    if "rlnImagePixelSize" in optics.columns:
+        return _numeric(optics, "rlnImagePixelSize", octx, "optics")
+    if "rlnDetectorPixelSize" in optics.columns and "rlnMagnification" in optics.columns:
+        return (_numeric(optics, "rlnDetectorPixelSize", octx, "optics") * 1e4
+                / _numeric(optics, "rlnMagnification", octx, "optics"))
+    raise StarFileError(f"{b.path}: data_optics has no rlnImagePixelSize column (needed for the pixel size "
+                        "of the particle images)")
+
+
+def _optics_group_info(optics: pd.DataFrame, k: int, i: int, pixel: float, box: int | None, count: int) -> OpticsGroupInfo:
+    def opt(col: str) -> float | None:
+        return float(pd.to_numeric(optics[col].iloc[i], errors="coerce")) if col in optics.columns else None
+
+    return OpticsGroupInfo(
+        number=k, name=str(optics["rlnOpticsGroupName"].iloc[i]) if "rlnOpticsGroupName" in optics.columns
+        else f"opticsGroup{k}", pixel_size_A=pixel, box=box, voltage_kv=opt("rlnVoltage"),
+        cs_mm=opt("rlnSphericalAberration"), amp_contrast=opt("rlnAmplitudeContrast"), n_particles=count)
+
+
+def _check_optics_flags(b: _Block, used: list[int], row_of_group: dict[int, int]) -> None:
+    """Premultiplied images are refused; aberrations cryoFormer does not model are noted."""
+    optics = b.optics
+    col = "rlnCtfDataAreCtfPremultiplied"
+    if col in optics.columns:
+        flags = pd.to_numeric(optics[col], errors="coerce").iloc[[row_of_group[k] for k in used]]
+        if (flags == 1).any():
+            bad = [k for k, f in zip(used, flags) if f == 1]
+            raise StarFileError(f"{b.path}: optics group(s) {', '.join(map(str, bad))} have {col} = 1; cryoFormer "
+                                "needs images that are not CTF-premultiplied (re-extract without premultiplication)")
+    for col, what in (("rlnBeamTiltX", "beam tilt"), ("rlnOddZernike", "odd Zernike (anisotropic) aberrations"),
+                      ("rlnEvenZernike", "even Zernike aberrations"), ("rlnMagMat00", "anisotropic magnification")):
+        if col in optics.columns:
+            b.notes.append(f"{what} ({col} in data_optics) is ignored by cryoFormer")
+
+
+def _optics_31(b: _Block) -> _Optics:
+    """RELION 3.1 and later: pixel size, box and microscope per optics group in data_optics."""
+    optics = b.optics
+    octx = _Ctx(b.path, b.first_lines.get("optics"))
+    group_of, row_of_group = _group_of_particles(b, octx)
+    opix = _optics_pixel_sizes(b, octx)
+    obox = (_numeric(optics, "rlnImageSize", octx, "optics").astype(np.int64)
+            if "rlnImageSize" in optics.columns else None)
+    used = sorted(set(np.unique(group_of).tolist()))
+    infos = [_optics_group_info(optics, k, row_of_group[k], float(opix[row_of_group[k]]),
+                                int(obox[row_of_group[k]]) if obox is not None else None, int(np.sum(group_of == k)))
+             for k in used]
+    _check_groups_agree(b.path, infos)
+    grp_rows = np.array([row_of_group[int(k)] for k in group_of], dtype=np.int64)
+    _check_optics_flags(b, used, row_of_group)
+    return _Optics(group_of, grp_rows, infos, infos[0].pixel_size_A, infos[0].box, octx)
+
+
+def _optics_30(b: _Block) -> _Optics:
+    """RELION 3.0: pixel size per particle (must be one), no optics table."""
+    pcols, ctx, n = b.particles.columns, b.ctx, b.n
+    if "rlnImagePixelSize" in pcols:
+        pix = _numeric(b.particles, "rlnImagePixelSize", ctx, b.pblock)
+        pcol = "rlnImagePixelSize"
+    elif "rlnDetectorPixelSize" in pcols and "rlnMagnification" in pcols:
+        pix = (_numeric(b.particles, "rlnDetectorPixelSize", ctx, b.pblock) * 1e4
+               / _numeric(b.particles, "rlnMagnification", ctx, b.pblock))
+        pcol = "rlnDetectorPixelSize * 1e4 / rlnMagnification"
+    else:
+        raise StarFileError(f"{b.path}: RELION 3.0 STAR file (no data_optics) without a pixel size: needs "
+                            "rlnImagePixelSize or rlnDetectorPixelSize + rlnMagnification")
+    off = np.nonzero(np.abs(pix - pix[0]) > PIXEL_TOL * pix[0])[0]
+    if len(off):
+        r = int(off[0])
+        raise ctx.error(f"pixel size {pix[r]:.6g} Å ({pcol}) differs from particle 1's {pix[0]:.6g} Å; "
+                        "cryoFormer trains one pixel size at a time", r)
+    pixel = float(pix[0])
+    box = int(_numeric(b.particles, "rlnImageSize", ctx, b.pblock)[0]) if "rlnImageSize" in pcols else None
+    infos = [OpticsGroupInfo(number=1, name="(RELION 3.0: per particle)", pixel_size_A=pixel, box=box,
+                             voltage_kv=None, cs_mm=None, amp_contrast=None, n_particles=n)]
+    return _Optics(np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64), infos, pixel, box, ctx)
+
+
+class _ColumnValues:
+    """A value per particle: its own column, else its optics group's column, else a default."""
+
+    def __init__(self, b: _Block, opt: _Optics) -> None:
+        self.b, self.opt = b, opt
+
+    def has(self, col: str) -> bool:
+        return col in self.b.particles.columns or (self.b.optics is not None and col in self.b.optics.columns)
+
+    def __call__(self, col: str, default: float | None) -> np.ndarray | None:
+        """``default`` None: None when the column is absent."""
+        b = self.b
+        if col in b.particles.columns:
+            return _numeric(b.particles, col, b.ctx, b.pblock)
+        if b.optics is not None and col in b.optics.columns:
+            return _numeric(b.optics, col, self.opt.octx, "optics")[self.opt.grp_rows]
         if default is None:
             return None
-        return np.full(n, float(default))
+        return np.full(b.n, float(default))
 
-    # --- CTF --------------------------------------------------------------------------------------
-    ctf = None
+
+def _ctf(b: _Block, value: _ColumnValues, require_ctf: bool) -> CTFParams | None:
     du = value("rlnDefocusU", None)
-    if du is not None:
-        kv = value("rlnVoltage", None)
-        cs = value("rlnSphericalAberration", None)
-        for col, arr in (("rlnVoltage", kv), ("rlnSphericalAberration", cs)):
-            if arr is None:
-                where = "data_optics or data_particles" if fmt == "3.1" else f"data_{pblock}"
-                raise StarFileError(f"{path}: has rlnDefocusU but no {col} (in {where}); the CTF needs it")
-        dv = value("rlnDefocusV", None)
-        ctf = CTFParams(
-            defocus_u_A=du, defocus_v_A=du.copy() if dv is None else dv,
-            defocus_angle_deg=value("rlnDefocusAngle", 0.0), voltage_kv=kv, cs_mm=cs,
-            amp_contrast=value("rlnAmplitudeContrast", 0.0), phase_shift_deg=value("rlnPhaseShift", 0.0),
-            bfactor=value("rlnCtfBfactor", 0.0), scale=value("rlnCtfScalefactor", 1.0))
-        if "rlnAmplitudeContrast" not in pcols and (optics is None or "rlnAmplitudeContrast" not in optics.columns):
-            notes.append("no rlnAmplitudeContrast: using RELION's default 0")
-    elif require_ctf:
-        raise StarFileError(f"{path}: the particles have no CTF parameters (no rlnDefocusU column). {NO_CTF_HINT}")
+    if du is None:
+        if require_ctf:
+            raise StarFileError(f"{b.path}: the particles have no CTF parameters (no rlnDefocusU column). {NO_CTF_HINT}")
+        return None
+    kv = value("rlnVoltage", None)
+    cs = value("rlnSphericalAberration", None)
+    for col, arr in (("rlnVoltage", kv), ("rlnSphericalAberration", cs)):
+        if arr is None:
+            where = "data_optics or data_particles" if b.fmt == "3.1" else f"data_{b.pblock}"
+            raise StarFileError(f"{b.path}: has rlnDefocusU but no {col} (in {where}); the CTF needs it")
+    dv = value("rlnDefocusV", None)
+    ctf = CTFParams(
+        defocus_u_A=du, defocus_v_A=du.copy() if dv is None else dv,
+        defocus_angle_deg=value("rlnDefocusAngle", 0.0), voltage_kv=kv, cs_mm=cs,
+        amp_contrast=value("rlnAmplitudeContrast", 0.0), phase_shift_deg=value("rlnPhaseShift", 0.0),
+        bfactor=value("rlnCtfBfactor", 0.0), scale=value("rlnCtfScalefactor", 1.0))
+    if not value.has("rlnAmplitudeContrast"):
+        b.notes.append("no rlnAmplitudeContrast: using RELION's default 0")
+    return ctf
 
-    # --- poses ------------------------------------------------------------------------------------
+
+def _poses(b: _Block, value: _ColumnValues, pixel: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(rot, shift_px) from the Euler angles and origins (Å from 3.1 on, pixels before), or (None, None)."""
     ang_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    pcols = b.particles.columns
     present = [c for c in ang_cols if c in pcols]
-    rot = shift = None
-    if present:
-        if len(present) != 3:
-            miss = [c for c in ang_cols if c not in pcols]
-            raise StarFileError(f"{path}: data_{pblock} has {', '.join(present)} but not {', '.join(miss)}")
-        a = [_numeric(particles, c, ctx, pblock) for c in ang_cols]
-        rot = relion_euler_to_rot(*a)
-        if "rlnOriginXAngst" in pcols or "rlnOriginYAngst" in pcols:
-            ox = value("rlnOriginXAngst", 0.0) / pixel
-            oy = value("rlnOriginYAngst", 0.0) / pixel
-        else:  # pre-3.1 origins, in pixels
-            ox = value("rlnOriginX", 0.0)
-            oy = value("rlnOriginY", 0.0)
-        shift = np.stack([ox, oy], axis=1)
+    if not present:
+        return None, None
+    if len(present) != 3:
+        miss = [c for c in ang_cols if c not in pcols]
+        raise StarFileError(f"{b.path}: data_{b.pblock} has {', '.join(present)} but not {', '.join(miss)}")
+    rot = relion_euler_to_rot(*[_numeric(b.particles, c, b.ctx, b.pblock) for c in ang_cols])
+    if "rlnOriginXAngst" in pcols or "rlnOriginYAngst" in pcols:
+        ox = value("rlnOriginXAngst", 0.0) / pixel
+        oy = value("rlnOriginYAngst", 0.0) / pixel
+    else:  # pre-3.1 origins, in pixels
+        ox = value("rlnOriginX", 0.0)
+        oy = value("rlnOriginY", 0.0)
+    return rot, np.stack([ox, oy], axis=1)
 
-    # --- images -----------------------------------------------------------------------------------
-    paths, index0 = _parse_image_names(particles["rlnImageName"], ctx, root)
+
+def _image_source(b: _Block, root: Path, check_images: bool,
+                  box: int | None) -> tuple[MrcStackSource, list[str], int | None]:
+    """The lazy image source, the stack files, and the box (from the stacks when they are checked)."""
+    path, ctx = b.path, b.ctx
+    paths, index0 = _parse_image_names(b.particles["rlnImageName"], ctx, root)
     stack_files = sorted(set(paths))
     if check_images:
         for f in stack_files:
             if not Path(f).exists():
                 r = paths.index(f)
-                raise ctx.error(f"image stack {f} (from rlnImageName {particles['rlnImageName'].iloc[r]!r}, "
+                raise ctx.error(f"image stack {f} (from rlnImageName {b.particles['rlnImageName'].iloc[r]!r}, "
                                 f"relative to the project directory {root}) does not exist", r)
     try:
         source = MrcStackSource(paths, index0, check=check_images, origin=str(path), first_line=ctx.first_line)
@@ -447,14 +527,7 @@ def read_particles_star(path: str | os.PathLike, root: str | os.PathLike | None 
             raise StarFileError(f"{path}: rlnImageSize is {box} but the image stacks hold "
                                 f"{source.box}x{source.box} images ({stack_files[0]})")
         box = source.box
-
-    record = StarRecord(
-        path=str(path), root=str(root), relion_format=fmt, version=version, particles_block=pblock,
-        n_particles=n, box=box, pixel_size_A=pixel, optics_groups=infos, has_poses=rot is not None,
-        has_ctf=ctf is not None, stack_files=stack_files, images_checked=check_images, warnings=notes)
-    data = ParticleData(images=source, pixel_size_A=pixel, ctf=ctf, rot=rot, shift_px=shift,
-                        meta={"star": str(path), "optics_group": group_of})
-    return ParticleStar(record=record, data=data, optics=optics, particles=particles)
+    return source, stack_files, box
 
 
 def _check_groups_agree(path: Path, infos: list[OpticsGroupInfo]) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 
 from cryoformer.simulate import SimulatedData, true_volume
 
-from .outputs import atomic_write_text, save_npy, write_mrc
-from .star_io import write_simulated_star
+from cryoformer_ext.formats.atomic import atomic_write_text, save_npy, write_mrc
+from cryoformer_ext.formats.star import write_simulated_star
 
 TRUE_T_COLUMN = "rlnCryoformerTrueConformation"
 

@@ -25,18 +25,15 @@ from cryoformer.model import ModelConfig
 from cryoformer.occupancy import cells_for
 from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, estimate_data_scale, load_checkpoint, train
 
-from .analysis import AnalysisResult, MapRecord, analyze
-from .config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
-from .job_files import InputScale, write_input_scale
-from .solvent_mask import SoftMaskSettings
-from .launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
-from .outputs import atomic_write_text, save_npy
+from cryoformer_ext.analysis.analyze import AnalysisResult, MapRecord, analyze
+from cryoformer_ext.config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
+from cryoformer_ext.jobdir import (ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE,
+                                   PREDICTED_POSES_FILE, InputScale, write_input_scale)
+from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings
+from cryoformer_ext.job.launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
+from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text, save_npy
 
-CHECKPOINT_DIR = "checkpoints"
-LATENTS_FILE = "latents.npy"
-CONFIG_FILE = "job_config.json"
-ANALYSIS_DIR = "analysis"
-LOSS_FILE = "loss_history.json"
+ANALYSIS_DIR = ANALYSIS_SUBDIR
 OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels
 ENCODE_CHUNK = 8192  # particles encoded between two abort checks
 
@@ -64,6 +61,11 @@ class JobResult(BaseModel):
     analysis: AnalysisResult = Field(repr=False)
     predicted_poses: tuple[np.ndarray, np.ndarray] | None = Field(None, repr=False)
     timings_s: dict[str, float]
+
+    @property
+    def plots(self) -> list[Path]:
+        """The analysis plots (PNG), for hosts that show them next to the job (cryoSPARC's event log)."""
+        return self.analysis.plots
 
 
 def select_device(config: JobConfig) -> torch.device:
@@ -190,7 +192,7 @@ def run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, *
             log: Callable[[str], Any] = print, should_abort: Callable[[], bool] = lambda: False) -> JobResult | None:
     """Train (or resume), infer latents, analyse; every output lands in ``out_dir`` atomically.
 
-    Data-parallel (``cryoformer_ext.launch``, docs/distributed.md): with several ``gpus`` or ``ranks`` > 1
+    Data-parallel (``cryoformer_ext.job.launch``, docs/distributed.md): with several ``gpus`` or ``ranks`` > 1
     this process starts the workers and returns rank 0's result (:class:`WorkerFailed` when a worker
     dies); under torchrun (RANK/WORLD_SIZE set) this process is one rank and only rank 0 gets a result
     (the others return None after their share of training and inference).
@@ -233,9 +235,7 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     t0 = time.perf_counter()
     if config.threads and device is None:  # workers: threads_per_rank() was applied by the launcher
         torch.set_num_threads(config.threads)
-    if config.poses != "predict" and not data.has_poses:
-        raise JobConfigError(f"parameter 'poses' = '{config.poses}', but the particles have no poses "
-                             "(use poses = predict)")
+    config.for_particles(data.has_poses, explicit=True)  # a pose mode the particles cannot serve is an error
     device = select_device(config) if device is None else device
     ctx = dist_current(device)
     main = ctx is None or ctx.is_main  # rank 0 (or the only process) writes every output
@@ -264,9 +264,8 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     if not main:
         return None
     if poses is not None:
-        with open(out_dir / ".predicted_poses.npz.tmp", "wb") as fh:
+        with atomic_path(out_dir / PREDICTED_POSES_FILE) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, rot=poses[0], shift_px=poses[1])
-        os.replace(out_dir / ".predicted_poses.npz.tmp", out_dir / "predicted_poses.npz")
     timings["inference"] = time.perf_counter() - t1
     log(f"latents of {len(latents)} particles written to {latents_file}")
     _abort_if(should_abort, "after the inference")

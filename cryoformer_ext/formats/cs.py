@@ -1,7 +1,7 @@
 """cryoSPARC ``.cs`` particle datasets <-> the engine's :class:`~cryoformer.data.ParticleData`.
 
-This is the ONE module that knows cryoSPARC's field conventions (see ``docs/cryosparc.md`` and
-``shared/notes/cryosparc.md`` section 2). It talks to no server: it converts a
+This is the ONE module that knows cryoSPARC's field conventions (see ``docs/cryosparc.md``, which
+cites the cryosparc-tools source they were read from). It talks to no server: it converts a
 :class:`cryosparc.dataset.Dataset` (loaded from a file, or handed over by the live adapter) and builds
 the datasets and result-group manifests that go back to cryoSPARC.
 
@@ -40,8 +40,8 @@ from cryosparc.dataset import Dataset
 
 from cryoformer.data import CTFParams, ParticleData
 from cryoformer.poses import cryosparc_pose_to_rot, rot_to_cryosparc_pose
-from cryoformer_ext.imagestack import ImageStackError, MrcStackSource
-from cryoformer_ext.outputs import atomic_path, atomic_write_text
+from cryoformer_ext.formats.mrc_stack import ImageStackError, MrcStackSource
+from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text
 from cryoformer_ext.config import NO_CTF_HINT
 
 

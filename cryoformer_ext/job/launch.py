@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from .config import JobConfig, JobConfigError
+from cryoformer_ext.config import JobConfig, JobConfigError
 
 ABORT_TYPES = ("JobAborted", "TrainingAborted")
 GRACE_S = 5.0  # after a failure: time the other ranks get to report their own error before being stopped
@@ -117,7 +117,7 @@ def job_plan(config: JobConfig, env: dict[str, str] | None = None) -> Plan:
 SRUN_TORCHRUN = ('srun --ntasks-per-node=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node=<GPUs per node> '
                  '--rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d '
                  '--rdzv_endpoint="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):29500" '
-                 '-m cryoformer_ext.cli train ...')
+                 '-m cryoformer_ext.commands train ...')
 
 
 def refuse_bare_srun_tasks(env) -> None:

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
-from . import selection as sel
-from . import subset_io
-from .cryodrgn_io import write_ind_pkl
-from .job_files import JobFiles, JobFilesError, load_job_files, parse_int_list
-from .outputs import atomic_write_text
+from cryoformer_ext.analysis import selection as sel
+from cryoformer_ext.formats import subsets as subset_io
+from cryoformer_ext.formats.cryodrgn import write_ind_pkl
+from cryoformer_ext.jobdir import (OFFLINE_PARTICLES_STEM, PARTICLES_FILE, JobFiles, JobFilesError, load_job_files,
+                                   parse_int_list)
+from cryoformer_ext.formats.atomic import atomic_write_text
 
-STAR_OUT = "particles.star"
+STAR_OUT = PARTICLES_FILE
 CS_STEM = "particles"
-OFFLINE_PARTICLES = "cryoformer_particles.cs"  # cryosparc_job.offline.PARTICLES_STEM + ".cs"
+OFFLINE_PARTICLES = OFFLINE_PARTICLES_STEM + ".cs"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -133,9 +133,12 @@ def select_job(job_dir: Path, args: argparse.Namespace, log=print) -> sel.Select
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        select_job(args.job_dir, args, log=lambda m: print(m, flush=True))
-    except (JobFilesError, subset_io.SubsetError, ValueError, FileNotFoundError) as err:
-        print(f"cryoformer select: error: {err}", file=sys.stderr)
-        return 2
+    from cryoformer_ext.commands import run_guarded
+
+    return run_guarded("select", lambda: _done(select_job(args.job_dir, args, log=lambda m: print(m, flush=True))),
+                       expected=(JobFilesError, subset_io.SubsetError, ValueError, FileNotFoundError))
+
+
+def _done(_: object) -> int:
+    """The command's result is in its files; its exit status is success."""
     return 0
