@@ -13,7 +13,7 @@ PACKAGES = ("cryoformer", "cryoformer_ext", "relion_external", "cryosparc_job")
 JOB_LAYER = ("cryoformer_ext", "relion_external", "cryosparc_job")
 MAX_FUNCTION_LINES = 80
 # split in a separate change; listed so that every other function is held to the limit meanwhile
-KNOWN_LONG = {("cryoformer/train.py", "train")}
+KNOWN_LONG: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:
