@@ -12,7 +12,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(int(os.environ.get("CRYOFORMER_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+# the longest files start first, so that with two workers (scripts/test.sh) the longest one does not start last
+LONGEST_FIRST = ("test_heterogeneity_snr.py", "test_relion45_protocol.py", "test_occupancy_training.py",
+                 "test_explore.py", "test_reliability.py", "test_relion_pipeline.py", "test_analysis_e2e.py")
+
+
+def _start_rank(item) -> int:
+    name = Path(str(item.fspath)).name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_start_rank)  # stable: the order inside a file is kept
     if shutil.which("relion_project") is None:
         skip = pytest.mark.skip(reason="RELION 3.1 programs not on PATH (apt-get install -y relion)")
         for item in items:
