@@ -37,14 +37,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(box: int, n_images: int, batch: int, threads: int | None, job_overrides: dict | None = None) -> dict:
-    import numpy as np
     import torch
 
     from cryoformer.data import ArraySource, ParticleData
     from cryoformer.simulate import simulate
     from cryoformer.train import TrainConfig, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    from default_model import default_device, default_model_config
+    try:
+        from cryoformer_ext.job.configs import model_config_for
+    except ImportError:  # a baseline from before the job layer's sub-packages
+        from cryoformer_ext.job import model_config_for
 
     if threads:
         torch.set_num_threads(threads)
@@ -53,8 +55,8 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     # overrides apply only to parameters this code version has (the baseline's JobConfig is older)
     extra_job = {k: v for k, v in (job_overrides or {}).items() if k in JobConfig.model_fields}
     job = JobConfig(train_box=box, batch_size=batch, **extra_job)
-    device = default_device()
-    mcfg = default_model_config(data, job, estimate_data_scale(data, box))
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # the job's choice, gpus unset
+    mcfg = model_config_for(data, job, estimate_data_scale(data, box))
     extra: dict = {}
     steps: list[float] = []
     cpu_steps: list[float] = []

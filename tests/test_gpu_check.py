@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = {"hashgrid", "train", "kill_and_continue", "precision", "ddp", "host_syncs", "throughput"}
 sys.path.insert(0, str(REPO / "bench"))
@@ -59,17 +57,22 @@ def test_skipped_and_timed_out_checks_are_reported_apart(capsys):
     assert printed[0].split()[:2] == ["ddp", "skipped"] and printed[1].split()[:2] == ["train", "failed"]
 
 
-def test_bench_default_model_is_the_jobs():
-    """The benchmarks build the job's model without importing the job layer (mrcfile may be absent on a GPU
-    machine): the same ModelConfig as ``cryoformer_ext.job.run.model_config_for``."""
-    from default_model import default_model_config
-
-    from cryoformer.data import ArraySource, ParticleData
-    from cryoformer.simulate import simulate
-    from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job.run import model_config_for
-
-    sim = simulate(4, 32, pixel_size_A=4.0, seed=0)
-    data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)
-    for job in (JobConfig(), JobConfig(train_box=24), JobConfig(occupancy=False, encoder_box=16, zdim=3)):
-        assert default_model_config(data, job, 1.7) == model_config_for(data, job, 1.7)
+def test_job_model_settings_import_without_the_writers():
+    """The benchmarks and the GPU check build the job's own model on a machine that may have only torch,
+    numpy and pydantic: ``cryoformer_ext.job.configs`` must import with mrcfile, matplotlib, starfile and
+    cryosparc-tools absent (each blocked in a fresh interpreter), and build the job's model there."""
+    code = (
+        "import sys\n"
+        "for m in ('mrcfile', 'matplotlib', 'starfile', 'cryosparc', 'umap', 'sklearn'):\n"
+        "    sys.modules[m] = None\n"
+        "from cryoformer.data import ArraySource, ParticleData\n"
+        "from cryoformer.simulate import simulate\n"
+        "from cryoformer_ext.config import JobConfig\n"
+        "from cryoformer_ext.job.configs import model_config_for\n"
+        "sim = simulate(4, 32, pixel_size_A=4.0, seed=0)\n"
+        "data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)\n"
+        "print(model_config_for(data, JobConfig(train_box=24), 1.7).box)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "24"

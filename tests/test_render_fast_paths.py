@@ -209,7 +209,7 @@ def test_job_parameter_sets_the_cells_per_axis():
     """``occupancy_cell_A`` from the job's strings reaches the model: 4 Å at 2 Å pixels of a 64 training
     box is 32 cells; 0 (the default) keeps the fixed 4-pixel cell (16)."""
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job import occupancy_cells_for
+    from cryoformer_ext.job.configs import occupancy_cells_for
 
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "4"})) == 32
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "0"})) == 16

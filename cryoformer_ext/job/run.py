@@ -22,19 +22,18 @@ from cryoformer.data import ParticleData
 from cryoformer.distributed import current as dist_current
 from cryoformer.infer import Reconstruction
 from cryoformer.model import ModelConfig
-from cryoformer.occupancy import cells_for
-from cryoformer.train import CHECKPOINT_NAME, TrainConfig, TrainingAborted, estimate_data_scale, load_checkpoint, train
+from cryoformer.train import CHECKPOINT_NAME, TrainingAborted, estimate_data_scale, load_checkpoint, train
 
 from cryoformer_ext.analysis.analyze import AnalysisResult, MapRecord, analyze
 from cryoformer_ext.config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigError
 from cryoformer_ext.jobdir import (ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE,
                                    PREDICTED_POSES_FILE, InputScale, write_input_scale)
 from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings
+from cryoformer_ext.job.configs import model_config_for, train_config_for, training_box
 from cryoformer_ext.job.launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
 from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text, save_npy
 
 ANALYSIS_DIR = ANALYSIS_SUBDIR
-OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels
 ENCODE_CHUNK = 8192  # particles encoded between two abort checks
 
 #: ModelConfig fields measured from the data rather than set by a parameter: Continue keeps the checkpoint's
@@ -79,13 +78,6 @@ def select_device(config: JobConfig) -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def training_box(config: JobConfig, box: int) -> int:
-    tb = config.train_box if config.train_box is not None else min(64, box - box % 2)
-    if tb > box:
-        raise JobConfigError(f"parameter 'train_box' = {tb} is larger than the particle box {box}")
-    return tb
-
-
 def output_map_box(config: JobConfig, particle_box: int) -> int:
     """Box of every output map: the particles' own (so the next job uses maps and mask as they are)
     unless ``map_box`` asks for another."""
@@ -95,28 +87,6 @@ def output_map_box(config: JobConfig, particle_box: int) -> int:
 def mask_settings(config: JobConfig) -> SoftMaskSettings:
     return SoftMaskSettings(threshold_fraction=config.mask_threshold, extend_px=config.mask_extend,
                             soft_edge_px=config.mask_soft_edge)
-
-
-def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
-    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_final=config.lr_final,
-                       seed=config.seed, device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
-                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=config.coarse_epochs)
-
-
-def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -> ModelConfig:
-    tb = training_box(config, data.box)
-    return ModelConfig(
-        box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,
-        channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
-        enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
-        hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
-        encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
-        occupancy_cells=occupancy_cells_for(tb, data.pixel_size_A * data.box / tb, config) if config.occupancy else 0)
-
-
-def occupancy_cells_for(tb: int, pixel_size_A: float, config: JobConfig) -> int:
-    """Cells per axis of the occupancy grid of a job (``occupancy_cell_A`` 0: cells of a fixed pixel size)."""
-    return cells_for(tb, pixel_size_A, config.occupancy_cell_A or None, OCCUPANCY_CELL_PX)
 
 
 def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:

@@ -1,0 +1,48 @@
+"""The engine's model and training settings of a job, from its parameters.
+
+Kept apart from :mod:`cryoformer_ext.job.run`, which imports the writers of maps and plots (mrcfile,
+matplotlib): the benchmarks and the GPU check build the job's model on machines that have only torch,
+numpy and pydantic, and must build exactly the model a job trains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cryoformer.data import ParticleData
+from cryoformer.model import ModelConfig
+from cryoformer.occupancy import cells_for
+from cryoformer.train import TrainConfig
+
+from cryoformer_ext.config import JobConfig, JobConfigError
+
+OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels when occupancy_cell_A is 0
+
+
+def training_box(config: JobConfig, box: int) -> int:
+    tb = config.train_box if config.train_box is not None else min(64, box - box % 2)
+    if tb > box:
+        raise JobConfigError(f"parameter 'train_box' = {tb} is larger than the particle box {box}")
+    return tb
+
+
+def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_final=config.lr_final,
+                       seed=config.seed, device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
+                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=config.coarse_epochs)
+
+
+def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -> ModelConfig:
+    tb = training_box(config, data.box)
+    return ModelConfig(
+        box=tb, pixel_size_A=data.pixel_size_A * data.box / tb, zdim=config.zdim, tokens=config.tokens,
+        channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
+        enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
+        hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
+        encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
+        occupancy_cells=occupancy_cells_for(tb, data.pixel_size_A * data.box / tb, config) if config.occupancy else 0)
+
+
+def occupancy_cells_for(tb: int, pixel_size_A: float, config: JobConfig) -> int:
+    """Cells per axis of the occupancy grid of a job (``occupancy_cell_A`` 0: cells of a fixed pixel size)."""
+    return cells_for(tb, pixel_size_A, config.occupancy_cell_A or None, OCCUPANCY_CELL_PX)
