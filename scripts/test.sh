@@ -11,5 +11,8 @@ fi
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e '.[test]'
 workers="${CRYOFORMER_TEST_WORKERS:-2}"
-export CRYOFORMER_TEST_THREADS="${CRYOFORMER_TEST_THREADS:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# one thread per worker everywhere, also in the jobs the tests launch and in UMAP's numba kernels: two
+# workers that each start threads for both cores slow each other down
+export CRYOFORMER_TEST_THREADS="${CRYOFORMER_TEST_THREADS:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
+  NUMBA_NUM_THREADS="${NUMBA_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 python3 -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile "$@"
