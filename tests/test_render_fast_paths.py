@@ -232,3 +232,31 @@ def test_autocast_keeps_the_explicit_attention(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model.volume(None)
     assert calls == [1]
+
+
+def test_canonical_render_without_column_compaction_is_the_same(monkeypatch):
+    """On a GPU the canonical renderer samples every lattice point (the compaction's data-dependent width
+    would synchronise with the host every step); its images must equal the compacted CPU path's, with an
+    off-centre occupied block so that many columns are empty."""
+    import cryoformer.model as model_mod
+    import cryoformer.render as render_mod
+
+    assert not model_mod.compacts_columns(torch.device("cuda", 0))
+    assert model_mod.compacts_columns(torch.device("cpu"))
+    torch.manual_seed(4)
+    model = CryoFormer(ModelConfig(**SMALL, occupancy_cells=4)).eval()
+    model.occupancy.occupied.zero_()
+    model.occupancy.occupied[1:3, 0:3, 1:4] = True
+    model.occupancy._bump()
+    rot = random_rotations(4, seed=5)
+    tokens = model.tokens_from_latent(torch.randn(4, 2), 4)
+    packed = []
+    monkeypatch.setattr(render_mod, "pack_rows", lambda keep: packed.append(1) or pack_rows(keep))
+    with torch.no_grad():
+        compacted = model.render(tokens, rot, step=3)
+        assert packed == [1]
+        monkeypatch.setattr(model_mod, "compacts_columns", lambda device: False)
+        every_point = model.render(tokens, rot, step=3)
+        assert packed == [1]
+    assert compacted.abs().max() > 0
+    torch.testing.assert_close(every_point, compacted, rtol=1e-5, atol=1e-6)
