@@ -15,4 +15,4 @@ workers="${CRYOFORMER_TEST_WORKERS:-2}"
 # workers that each start threads for both cores slow each other down
 export CRYOFORMER_TEST_THREADS="${CRYOFORMER_TEST_THREADS:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
   NUMBA_NUM_THREADS="${NUMBA_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-python3 -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile "$@"
+python3 -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
