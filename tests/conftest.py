@@ -12,9 +12,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(int(os.environ.get("CRYOFORMER_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
-# the longest files start first, so that with two workers (scripts/test.sh) the longest one does not start last
-LONGEST_FIRST = ("test_heterogeneity_snr.py", "test_relion45_protocol.py", "test_occupancy_training.py",
-                 "test_explore.py", "test_reliability.py", "test_relion_pipeline.py", "test_analysis_e2e.py")
+# The longest files start first, so that with two workers (scripts/test.sh) the longest one does not start
+# last. xdist queues two files per worker at the start, so the longest file's worker gets a short one
+# second (test_metrics.py) and the other worker the next long ones.
+LONGEST_FIRST = ("test_heterogeneity_snr.py", "test_relion45_protocol.py", "test_metrics.py",
+                 "test_occupancy_training.py", "test_reconstruction.py", "test_analysis_e2e.py", "test_explore.py",
+                 "test_reliability.py", "test_relion_pipeline.py")
 
 
 def _start_rank(item) -> int:
