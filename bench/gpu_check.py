@@ -81,7 +81,8 @@ class Spec(BaseModel):
     amp: bool = True
     deterministic: bool = True
     occupancy_warmup: int | None = None  # images before the first occupancy estimate (None: the default)
-    compile: bool = False  # the hash grid's level arithmetic through torch.compile (TrainConfig.compile)
+    compile: bool = False  # the hash grid's level arithmetic and the CTF through torch.compile (TrainConfig.compile)
+    compile_mode: str = "default"  # "reduce-overhead": the compiled parts replayed as CUDA graphs
 
 
 # ---------------------------------------------------------------------------------------- device
@@ -199,7 +200,7 @@ def run_training(spec: Spec, ckpt_dir: Path, device: torch.device, *,
     data, sim = make_data(spec)
     extra = {} if spec.occupancy_warmup is None else {"occupancy_warmup": spec.occupancy_warmup}
     tcfg = TrainConfig(epochs=spec.epochs, batch_size=spec.batch, seed=spec.seed, device=str(device), amp=spec.amp,
-                       log_interval_s=1e9, compile=spec.compile, **extra)
+                       log_interval_s=1e9, compile=spec.compile, compile_mode=spec.compile_mode, **extra)
     with deterministic(spec.deterministic):
         model, history = train(data, model_config(spec, data), tcfg, ckpt_dir, log=log, step_hook=step_hook)
     return model, history, data, sim
@@ -453,12 +454,12 @@ def check_host_syncs(env: Device, spec: Spec, out: Path) -> dict:
 
 
 def _throughput_row(env: Device, box: int, tiny: bool, n_steps: int, warmup: int, out: Path,
-                    compiled: bool = False) -> dict:
+                    compiled: str | None = None) -> dict:
     """images/s of the steps after the first occupancy estimate (and two more steps, which build the new
     lattices and warm the kernels up): before it, the whole sphere is rendered at half the box."""
     batch = 8
     spec = Spec(box=box, n=warmup + batch * (n_steps + 3), epochs=1, tiny=tiny, deterministic=False,
-                occupancy_warmup=warmup, compile=compiled)
+                occupancy_warmup=warmup, compile=compiled is not None, compile_mode=compiled or "default")
     marks: dict[str, Any] = {}
     logs: list[str] = []
 
@@ -474,14 +475,14 @@ def _throughput_row(env: Device, box: int, tiny: bool, n_steps: int, warmup: int
             env.reset_peak()
             marks["t"], marks["from"] = time.perf_counter(), step
 
-    run_training(spec, out / f"speed{box}{'c' if compiled else ''}", env.device, step_hook=hook, log=log)
+    run_training(spec, out / f"speed{box}{'_' + compiled if compiled else ''}", env.device, step_hook=hook, log=log)
     env.sync()
     if "t" not in marks:
         raise RuntimeError(f"box {box}: no occupancy estimate within the run; log: {logs[-3:]}")
     dt = time.perf_counter() - marks["t"]
     imgs = spec.n - (marks["from"] + 1) * batch
     frac = [m.split(": ", 1)[1].split(" ")[0] for m in logs if "occupancy grid estimated" in m]
-    return {"box": box, "compiled_hash_grid": compiled, "batch": batch, "images_timed": imgs, "images_per_s": imgs / dt,
+    return {"box": box, "compiled": compiled, "batch": batch, "images_timed": imgs, "images_per_s": imgs / dt,
             "compile_log": [m for m in logs if "compile" in m],
             "sphere_fraction_rendered": frac[0] if frac else None, "peak_gpu_GB_after_estimate": env.peak_gb()}
 
@@ -496,13 +497,15 @@ def check_throughput(env: Device, boxes: list[int], tiny: bool, n_steps: int, ou
             rows.append({"box": box, "error": "out of time"})
             break
         print(f"  throughput box {box}: {rows[-1]}", flush=True)
-    extra = {"compiled_box_64": None}
-    if not tiny and rows and "images_per_s" in rows[-1]:  # what torch.compile of the hash grid gives (opt-in)
-        try:
-            extra["compiled_box_64"] = _throughput_row(env, 64, tiny, n_steps, warmup, out, compiled=True)
-        except CheckTimeout:
-            extra["compiled_box_64"] = {"error": "out of time"}
-        print(f"  throughput box 64, compiled hash grid: {extra['compiled_box_64']}", flush=True)
+    extra: dict[str, Any] = {"compiled_box_64": None, "compiled_cuda_graphs_box_64": None}
+    if not tiny and rows and "images_per_s" in rows[-1]:  # what the opt-in torch.compile modes give
+        for key, mode in (("compiled_box_64", "default"), ("compiled_cuda_graphs_box_64", "reduce-overhead")):
+            try:
+                extra[key] = _throughput_row(env, 64, tiny, n_steps, warmup, out, compiled=mode)
+            except CheckTimeout:
+                extra[key] = {"error": "out of time"}
+                break
+            print(f"  throughput box 64, compiled ({mode}): {extra[key]}", flush=True)
     done = [r for r in rows if "images_per_s" in r]
     return {"ok": len(done) == len(boxes) and all(r["images_per_s"] > 0 for r in done), "rows": rows, **extra,
             "note": "timed after the first occupancy estimate (the grid of a barely trained field: its rendered "

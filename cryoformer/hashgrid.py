@@ -60,6 +60,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .compiled import CompiledFunction
+
 __all__ = ["HashGrid", "hashgrid_level_table"]
 
 _MASK32 = 0xFFFFFFFF
@@ -144,50 +146,8 @@ def _level_corners(xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tens
     return idx.view(8, P), w.reshape(8, P)
 
 
-class _CompiledCorners:
-    """:func:`_level_corners` through ``torch.compile`` (opt-in, CUDA only): its ~30 small integer and
-    float kernels per level fuse into a few, which matters where a training step is launch-bound (the torch
-    grid on a GPU without tinycudann). A compile or run failure is reported once through ``log`` and the
-    eager function is used from then on; nothing else changes (the same arithmetic, fp32 weights)."""
-
-    def __init__(self) -> None:
-        self.fn = None
-        self.failed: str | None = None
-        self.log = print
-
-    def enable(self, log=print) -> None:
-        """Compile from the next call on (lazily: the first call compiles)."""
-        self.log, self.failed = log, None
-        if self.fn is None:
-            try:
-                import torch._dynamo as dynamo
-
-                # one compiled graph per level (their constants differ): keep all 16 and more, not 8
-                for name in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(dynamo.config, name):
-                        setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
-                self.fn = torch.compile(_level_corners, dynamic=True)
-            except Exception as err:  # noqa: BLE001
-                self._fail(err)
-
-    def disable(self) -> None:
-        self.fn = None
-
-    def _fail(self, err: BaseException) -> None:
-        self.fn, self.failed = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        self.log(f"torch.compile of the hash grid failed ({self.failed[:200]}); running it eagerly")
-
-    def __call__(self, xt: torch.Tensor, lv: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fn is not None and xt.is_cuda:
-            try:
-                return self.fn(xt, lv)
-            except Exception as err:  # noqa: BLE001 - any failure: eager from now on
-                self._fail(err)
-        return _level_corners(xt, lv)
-
-
-#: the level arithmetic the hash grid runs (see :class:`_CompiledCorners`)
-level_corners = _CompiledCorners()
+#: the level arithmetic the hash grid runs: ~30 small integer and float kernels per level, fused when compiled
+level_corners = CompiledFunction(_level_corners, "the hash grid", graphs_per_fn=64)
 
 
 def _cpu_fast_paths(x: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ctf import compute_ctf, freq_grid
+from .ctf import ctf_values, freq_grid
 from .lattice import shift_phase, volume_points
 
 
@@ -25,7 +25,7 @@ def corrupt(projections: torch.Tensor, pixel_size_A: float, shift_px: torch.Tens
         f = f * shift_phase(box, -shift_px.float())
     if ctf_params is not None:
         ky, kx = freq_grid(box, pixel_size_A, device=projections.device)
-        f = f * compute_ctf(ctf_params.float(), ky, kx)
+        f = f * ctf_values(ctf_params.float(), ky, kx)
     return torch.fft.irfft2(f, s=(box, box))
 
 

@@ -26,6 +26,8 @@ from .data import ParticleData
 from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
 from .distributed import DistContext
 from .distributed import current as _dist_current
+from .compiled import CompileMode
+from .ctf import ctf_values
 from .hashgrid import level_corners
 from .lattice import fourier_crop
 from .memory import invalidate_budget
@@ -83,8 +85,11 @@ class TrainConfig(BaseModel):
     occupancy_latents: int = Field(64, ge=1, description="particles whose latents the occupancy grid covers")
     coarse_epochs: int = Field(0, ge=0, description="first epochs rendered and compared at half the training box")
     compile: bool = Field(
-        False, description="CUDA: the torch hash grid's per-level arithmetic through torch.compile (fewer kernel "
-        "launches; the first steps compile); a failure is logged once and the grid runs eagerly")
+        False, description="CUDA: the torch hash grid's per-level arithmetic and the CTF through torch.compile (fewer "
+        "kernel launches; the first steps compile); a failure is logged once and that part runs eagerly")
+    compile_mode: CompileMode = Field(
+        "default", description="with compile: 'reduce-overhead' also replays the compiled parts as CUDA graphs "
+        "(re-recorded when an occupancy refresh changes the number of rendered points)")
     sync_every: int = Field(
         16, ge=1, description="steps between the step loop's host synchronisations: the non-finite loss check and, "
         "with several GPU ranks, the all-reduced abort poll (CPU ranks poll at every step)")
@@ -319,13 +324,20 @@ def latent_noise(ctx, batch_len: int, zdim: int, device: torch.device) -> torch.
     return full if ctx is None else ctx.own_rows(full)
 
 
-def use_compile(on: bool, log: Callable[[str], None]) -> None:
-    """Turn the compiled hash-grid arithmetic on (logged) or off for this process's training."""
+#: what ``TrainConfig.compile`` compiles
+COMPILED_PARTS = (level_corners, ctf_values)
+
+
+def use_compile(on: bool, log: Callable[[str], None], mode: CompileMode = "default") -> None:
+    """Turn the compiled hash-grid arithmetic and CTF on (logged) or off for this process's training."""
+    for part in COMPILED_PARTS:
+        if on:
+            part.enable(log, mode)
+        else:
+            part.disable()
     if on:
-        level_corners.enable(log)
-        log("hash grid level arithmetic through torch.compile (the first steps compile)")
-    else:
-        level_corners.disable()
+        graphs = ", replayed as CUDA graphs" if mode == "reduce-overhead" else ""
+        log(f"hash grid level arithmetic and CTF through torch.compile{graphs} (the first steps compile)")
 
 
 def abort_polled(ctx: DistContext | None, step: int, sync_every: int, should_abort: Callable[[], bool]) -> bool:
@@ -435,7 +447,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
                path=path, n=len(data), steps_per_epoch=math.ceil(len(data) / cfg.batch_size),
                kl_w=cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2),
                amp_dtype=autocast_dtype(device, cfg.amp), log=log, should_abort=should_abort, step_hook=step_hook)
-    use_compile(cfg.compile and device.type == "cuda", log)
+    use_compile(cfg.compile and device.type == "cuda", log, cfg.compile_mode)
     _log_start(run)
     t_start = time.time()
     model.train()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from cryoformer.compiled import CompiledFunction
 from cryoformer.data import ArraySource, ParticleData
 from cryoformer.model import CryoFormer, ModelConfig
 from cryoformer.simulate import simulate
@@ -784,7 +785,7 @@ def test_compiled_hash_grid_is_used_on_cuda_and_falls_back_once_when_compiling_f
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    corners = hg._CompiledCorners()
+    corners = CompiledFunction(hg._level_corners, "the hash grid")
     monkeypatch.setattr(hg, "level_corners", corners)
     broken = False
     corners.enable(lines.append)
@@ -798,19 +799,60 @@ def test_compiled_hash_grid_is_used_on_cuda_and_falls_back_once_when_compiling_f
     assert lines == ["torch.compile of the hash grid failed (RuntimeError: inductor: no C++ compiler); running it eagerly"]
 
 
-def test_training_compiles_only_on_cuda(monkeypatch, tmp_path):
+def test_training_compiles_the_grid_and_the_ctf_only_on_cuda(monkeypatch, tmp_path):
     import cryoformer.train as tr
 
     asked = []
-    monkeypatch.setattr(tr.level_corners, "enable", lambda log=print: asked.append("on"))
-    monkeypatch.setattr(tr.level_corners, "disable", lambda: asked.append("off"))
+    for part in tr.COMPILED_PARTS:
+        monkeypatch.setattr(part, "enable", lambda log=print, mode="default", p=part: asked.append((p.what, mode)))
+        monkeypatch.setattr(part, "disable", lambda p=part: asked.append((p.what, "off")))
     lines = []
     train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, batch_size=8, prefetch=0, compile=True), tmp_path,
           log=lines.append)
-    assert asked == ["off"] and not any("torch.compile" in m for m in lines)   # CPU: eager
+    assert asked == [("the hash grid", "off"), ("the CTF", "off")]
+    assert not any("torch.compile" in m for m in lines)   # CPU: eager
     asked.clear()
-    tr.use_compile(True, lines.append)
-    assert asked == ["on"] and "through torch.compile" in lines[-1]
+    tr.use_compile(True, lines.append, "reduce-overhead")
+    assert asked == [("the hash grid", "reduce-overhead"), ("the CTF", "reduce-overhead")]
+    assert "replayed as CUDA graphs" in lines[-1]
+
+
+def test_compiled_ctf_is_what_the_renderer_applies_on_cuda(monkeypatch):
+    """``corrupt`` goes through the compiled CTF for CUDA tensors (stood in for by patching ``is_cuda``) with
+    the mode asked for, and gives the eager images; a failing compiled CTF falls back to them."""
+    import cryoformer.ctf as ctf_mod
+    import cryoformer.render as render_mod
+    from cryoformer.render import corrupt
+
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(3, 16, 16, generator=g)
+    params = torch.tensor([[12000.0, 11000.0, 30.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0]]).repeat(3, 1)
+    eager = corrupt(proj, 2.0, None, params)
+    modes, calls = [], []
+
+    def fake_compile(fn, *, dynamic, mode):
+        modes.append(mode)
+
+        def compiled(*a):
+            calls.append(len(a))
+            if broken:
+                raise RuntimeError("cudagraphs: capture failed")
+            return fn(*a)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    part = CompiledFunction(ctf_mod.compute_ctf, "the CTF")
+    monkeypatch.setattr(render_mod, "ctf_values", part)
+    broken, lines = False, []
+    part.enable(lines.append, "reduce-overhead")
+    assert torch.equal(corrupt(proj, 2.0, None, params), eager) and modes == ["reduce-overhead"] and calls == [3]
+    part.disable()
+    broken = True
+    part.enable(lines.append)
+    assert torch.equal(corrupt(proj, 2.0, None, params), eager)
+    assert torch.equal(corrupt(proj, 2.0, None, params), eager) and calls == [3, 3]   # tried once, then eager
+    assert lines == ["torch.compile of the CTF failed (RuntimeError: cudagraphs: capture failed); running it eagerly"]
 
 
 def test_fused_adam_state_moves_to_the_unfused_optimiser_and_steps_alike():
