@@ -121,13 +121,14 @@ def test_killed_rank_fails_cleanly_and_rerun_resumes(reference, tmp_path):
 
 
 HOLD_S = 120.0  # the longest a held rank waits for the abort request before the test fails
+HOLDING = "holding epoch 2 after its first step until the abort request is seen"
 
 
 def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_abort):
     """A worker's job (replaces ``cryoformer_ext.job.run._run_job`` in the launcher; the spawned workers import
-    this module): each rank holds the first step of epoch 2 until it sees the abort request, so the request
-    always arrives during epoch 2, whatever the machine's speed. The abort must then stop both ranks at the
-    next step's poll, before epoch 2 ends."""
+    this module): each rank holds epoch 2 after its first step until it sees the abort request, so the
+    request always arrives between two steps of epoch 2, whatever the machine's speed. The abort must then
+    stop both ranks at the next step's poll, before that step runs."""
     import functools
 
     import cryoformer_ext.job.run as job_mod
@@ -137,7 +138,7 @@ def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_
             log("a step after the abort request ran")
         if (epoch, step) != (1, 0):
             return
-        log("holding epoch 2 until the abort request is seen")
+        log(HOLDING)
         deadline = time.monotonic() + HOLD_S
         while not should_abort():
             if time.monotonic() > deadline:
@@ -151,8 +152,10 @@ def _run_job_holding_epoch_2(data, config, out_dir, *, device=None, log, should_
 def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
     """The job layer end to end: spawn from ``ranks``, abort via the host's check, continue (2 ranks again).
 
-    The host asks to abort once epoch 1 is logged as done; the workers hold epoch 2 until they see it
-    (above), so the abort arrives at a defined point and must stop both ranks within epoch 2."""
+    The host asks to abort once rank 0 logs that it holds epoch 2 after its first step; the workers wait
+    there until they see the request (above), so it always arrives between two steps of epoch 2, after
+    that epoch's first poll, and both ranks must stop at the next step's poll (with a poll only every
+    ``sync_every`` steps, the rest of the tiny epoch would run)."""
     import cryoformer_ext.job.run as job_mod
     from cryoformer_ext.job.run import JobAborted, run_job
 
@@ -163,7 +166,7 @@ def test_run_job_two_cpu_ranks_abort_and_resume(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(job_mod, "_run_job", _run_job_holding_epoch_2)
         with pytest.raises(JobAborted, match="aborted during epoch 2"):
-            run_job(data, cfg, tmp_path, log=logs.append, should_abort=lambda: any("epoch 1 done" in m for m in logs))
+            run_job(data, cfg, tmp_path, log=logs.append, should_abort=lambda: any(HOLDING in m for m in logs))
     assert not any("a step after the abort request ran" in m or "epoch 2 done" in m for m in logs), logs
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1
     logs.clear()
