@@ -7,7 +7,8 @@ the signal's over the box, the benchmark's definition) and trained at box 32, wi
 the epochs and a 4-dimensional latent. Measured while tuning: trained at box 24 from box 48 for 8 epochs the
 states were not separated (kNN 0.48); at box 32 for 10 epochs with a cosine learning-rate decay, kNN 0.894;
 for 12 epochs at the default constant rate, kNN 0.898 (cross-validated R^2 0.74), still rising, hence 16. The latents must separate the states (kNN accuracy >= 0.9, chance
-1/3) and the map at each state's mean latent must match its own truth best where the states differ.
+1/3) and the map at each state's mean latent must match its own truth best where the states differ. With the
+decoder blind to the latent (z * 0, a control run) the kNN accuracy was 0.346.
 """
 
 import numpy as np
