@@ -24,13 +24,14 @@ class CompiledFunction:
     def __init__(self, fn: Callable, what: str, graphs_per_fn: int = 8) -> None:
         self.eager, self.what, self.graphs = fn, what, graphs_per_fn
         self.fn: Callable | None = None
+        self.mode: CompileMode | None = None
         self.failed: str | None = None
         self.log: Callable[[str], None] = print
 
     def enable(self, log: Callable[[str], None] = print, mode: CompileMode = "default") -> None:
         """Compile from the next call on (lazily: the first CUDA call compiles)."""
         self.log, self.failed = log, None
-        if self.fn is not None:
+        if self.fn is not None and self.mode == mode:
             return
         try:
             import torch._dynamo as dynamo
@@ -39,7 +40,7 @@ class CompiledFunction:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dynamo.config, name):
                     setattr(dynamo.config, name, max(getattr(dynamo.config, name), self.graphs))
-            self.fn = torch.compile(self.eager, dynamic=True, mode=mode)
+            self.fn, self.mode = torch.compile(self.eager, dynamic=True, mode=mode), mode
         except Exception as err:  # noqa: BLE001 - any failure: eager
             self._fail(err)
 

@@ -847,6 +847,9 @@ def test_compiled_ctf_is_what_the_renderer_applies_on_cuda(monkeypatch):
     broken, lines = False, []
     part.enable(lines.append, "reduce-overhead")
     assert torch.equal(corrupt(proj, 2.0, None, params), eager) and modes == ["reduce-overhead"] and calls == [3]
+    part.enable(lines.append, "reduce-overhead")
+    part.enable(lines.append, "default")             # another mode: compiled again, with it
+    assert modes == ["reduce-overhead", "default"]
     part.disable()
     broken = True
     part.enable(lines.append)
