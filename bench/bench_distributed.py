@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from cryoformer.simulate import simulate
     from cryoformer.train import estimate_data_scale
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job.run import model_config_for
+    from cryoformer_ext.job.configs import model_config_for
     from cryoformer_ext.job.launch import Plan, physical_gpus, spawn
 
     gpu = torch.cuda.is_available()

@@ -43,10 +43,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     from cryoformer.simulate import simulate
     from cryoformer.train import TrainConfig, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    try:
-        from cryoformer_ext.job.configs import model_config_for
-    except ImportError:  # a baseline from before the job layer's sub-packages
-        from cryoformer_ext.job import model_config_for
+    model_config_for, select_device = gitref.job_setting("model_config_for"), gitref.job_setting("select_device")
 
     if threads:
         torch.set_num_threads(threads)
@@ -55,7 +52,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
     # overrides apply only to parameters this code version has (the baseline's JobConfig is older)
     extra_job = {k: v for k, v in (job_overrides or {}).items() if k in JobConfig.model_fields}
     job = JobConfig(train_box=box, batch_size=batch, **extra_job)
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # the job's choice, gpus unset
+    device = select_device(job)
     mcfg = model_config_for(data, job, estimate_data_scale(data, box))
     extra: dict = {}
     steps: list[float] = []

@@ -198,7 +198,7 @@ def child_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: in
     torch.set_num_threads(threads)
     from cryoformer.train import CHECKPOINT_NAME, estimate_data_scale, train
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job.run import model_config_for, train_config_for, training_box
+    from cryoformer_ext.job.configs import model_config_for, train_config_for, training_box
     from cryoformer_ext.formats.star import read_particles_star
 
     shutil.rmtree(out, ignore_errors=True)

@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,3 +47,15 @@ def describe(code_root: Path | None) -> str:
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return sha + ("-dirty" if dirty and code_root is None else "")
+
+
+def job_setting(name: str) -> Any:
+    """``name`` (``model_config_for``, ``select_device``) from the job layer of the code on ``sys.path``:
+    ``cryoformer_ext.job.configs`` now, the single ``cryoformer_ext.job`` module before the job layer was
+    split into sub-packages (e.g. baseline 21e200b), so one benchmark can measure both."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module("cryoformer_ext.job.configs"), name)
+    except ImportError:
+        return getattr(importlib.import_module("cryoformer_ext.job"), name)

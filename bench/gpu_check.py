@@ -163,12 +163,13 @@ def model_config(spec: Spec, data):
     from cryoformer.model import ModelConfig
     from cryoformer.train import estimate_data_scale
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job.configs import model_config_for  # the job's model, without the job's writers
+    from cryoformer_ext.job.configs import model_config_for, occupancy_cells_for  # without the job's writers
 
     scale = estimate_data_scale(data, spec.box, seed=spec.seed)
-    occupancy = {"occupancy_cells": max(1, spec.box // 4)}  # the job's default: occupancy grid on
-    if spec.tiny:
-        return ModelConfig(box=spec.box, pixel_size_A=data.pixel_size_A, data_scale=scale, **TINY_MODEL, **occupancy)
+    if spec.tiny:  # a smaller model, with the job's default occupancy grid
+        cells = occupancy_cells_for(spec.box, data.pixel_size_A, JobConfig())
+        return ModelConfig(box=spec.box, pixel_size_A=data.pixel_size_A, data_scale=scale, occupancy_cells=cells,
+                           **TINY_MODEL)
     return model_config_for(data, JobConfig(train_box=spec.box), scale)
 
 

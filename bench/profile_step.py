@@ -163,7 +163,8 @@ def profile_child(box: int, batch: int, threads: int | None) -> dict:
     from cryoformer.simulate import simulate
     from cryoformer.train import BatchReader, TrainConfig, estimate_data_scale, make_optimizer
     from cryoformer_ext.config import JobConfig
-    from cryoformer_ext.job.run import model_config_for
+
+    model_config_for = gitref.job_setting("model_config_for")
 
     if threads:
         torch.set_num_threads(threads)

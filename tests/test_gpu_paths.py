@@ -551,9 +551,6 @@ def test_bench_distributed_binds_ranks_inside_the_allocation(monkeypatch, tmp_pa
     import bench_distributed
 
     import cryoformer_ext.job.launch as launch
-    # imported before ``spawn`` is replaced below: a module that first imports ``spawn`` while it is the fake
-    # keeps the fake after this test (the job layer's run_job then "trained" in later tests of this worker)
-    import cryoformer_ext.job.run  # noqa: F401
 
     _fake_gpus(monkeypatch, 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake")

@@ -19,6 +19,19 @@ from cryoformer_ext.config import JobConfig, JobConfigError
 OCCUPANCY_CELL_PX = 4  # occupancy grid cell edge in training-box pixels when occupancy_cell_A is 0
 
 
+def select_device(config: JobConfig) -> torch.device:
+    """The first of ``gpus``, else GPU 0 when there is one: here rather than with the run, so that the
+    benchmarks train on the device a job would without importing the job's writers."""
+    ids = config.gpu_ids()
+    if ids:
+        if not torch.cuda.is_available():
+            raise JobConfigError(f"parameter 'gpus' = {config.gpus!r}, but no CUDA device is available here")
+        if max(ids) >= torch.cuda.device_count():
+            raise JobConfigError(f"parameter 'gpus' = {config.gpus!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        return torch.device(f"cuda:{ids[0]}")
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
 def training_box(config: JobConfig, box: int) -> int:
     tb = config.train_box if config.train_box is not None else min(64, box - box % 2)
     if tb > box:

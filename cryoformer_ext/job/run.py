@@ -29,7 +29,7 @@ from cryoformer_ext.config import NO_CTF_HINT, NO_CTF_LOG, JobConfig, JobConfigE
 from cryoformer_ext.jobdir import (ANALYSIS_SUBDIR, CHECKPOINT_DIR, CONFIG_FILE, LATENTS_FILE, LOSS_FILE,
                                    PREDICTED_POSES_FILE, InputScale, write_input_scale)
 from cryoformer_ext.analysis.solvent_mask import SoftMaskSettings
-from cryoformer_ext.job.configs import model_config_for, train_config_for, training_box
+from cryoformer_ext.job.configs import model_config_for, select_device, train_config_for, training_box
 from cryoformer_ext.job.launch import ABORT_TYPES, Plan, WorkerFailed, job_plan, joined_group, spawn, threads_per_rank
 from cryoformer_ext.formats.atomic import atomic_path, atomic_write_text, save_npy
 
@@ -65,17 +65,6 @@ class JobResult(BaseModel):
     def plots(self) -> list[Path]:
         """The analysis plots (PNG), for hosts that show them next to the job (cryoSPARC's event log)."""
         return self.analysis.plots
-
-
-def select_device(config: JobConfig) -> torch.device:
-    ids = config.gpu_ids()
-    if ids:
-        if not torch.cuda.is_available():
-            raise JobConfigError(f"parameter 'gpus' = {config.gpus!r}, but no CUDA device is available here")
-        if max(ids) >= torch.cuda.device_count():
-            raise JobConfigError(f"parameter 'gpus' = {config.gpus!r}: only {torch.cuda.device_count()} GPU(s) visible")
-        return torch.device(f"cuda:{ids[0]}")
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def output_map_box(config: JobConfig, particle_box: int) -> int:
