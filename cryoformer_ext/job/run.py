@@ -97,6 +97,9 @@ def architecture_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
         if name == "pixel_size_A":  # same training box, other pixel size: other particles
             changes[param] = (f"pixel size of the training box = {a:g} Å in the checkpoint, {b:g} Å now "
                               "(other particles?)")
+        elif name == "occupancy_cells":  # the parameter is in Å, the checkpoint holds the cell count
+            changes[param] = (f"occupancy_cell_A: the occupancy grid has {a} cells per axis in the checkpoint, {b} "
+                              "now (0 = 4-pixel cells)")
         else:
             changes[param] = f"{param} = {a} in the checkpoint, {b} now"
     return list(changes.values())
