@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.suite.report import time_to  # noqa: E402
 
 SCORES = ("spearman", "cv_r2", "knn_accuracy", "moving_corr", "fsc_auc")
 
@@ -63,14 +68,6 @@ def per_epoch_rows(runs: dict[str, dict]) -> list[str]:
     return rows
 
 
-def seconds_to(run: dict, score: str, target: float) -> float | None:
-    """Cumulative training seconds at the first epoch whose ``score`` reaches ``target``."""
-    for ep in run["epochs"]:
-        if ep.get(score) is not None and ep[score] >= target:
-            return ep["cum_train_s"]
-    return None
-
-
 def wall_time_rows(runs: dict[str, dict]) -> list[str]:
     """Seconds each run needs to reach the reference's final score, for each score the dataset has."""
     labels = list(runs)
@@ -81,7 +78,7 @@ def wall_time_rows(runs: dict[str, dict]) -> list[str]:
     for score in SCORES:
         if final.get(score) is None:
             continue
-        secs = [seconds_to(runs[lab], score, final[score]) for lab in labels]
+        secs = [time_to(runs[lab]["epochs"], score, final[score]) for lab in labels]
         cells = ["never" if s is None else f"{s:.0f}" for s in secs]
         rows.append(f"| {score} | {final[score]:.3f} | " + " | ".join(cells) + " |")
     return rows
