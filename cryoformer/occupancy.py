@@ -47,7 +47,10 @@ class OccupancyGrid(nn.Module):
         """Flat cell index of points (..., 3) given as (x, y, z) pixels of a ``box`` grid, and whether the
         point lies inside the grid at all (points outside are never occupied)."""
         g = self.cells
-        u = torch.floor((pts_px.float() / box + 0.5) * g).long()
+        # voxel index first, then the scale: at a cell boundary ``(i * g) / box`` is an exact integer, where
+        # ``(p / box + 0.5) * g`` rounded some boundary voxels down a cell (at box 24, 12 cells of 2 pixels
+        # held 3, 1, 3, ... voxels, and a 1-voxel cell's margin is a single voxel)
+        u = torch.floor((pts_px.float() + box / 2) * g / box).long()
         inside = ((u >= 0) & (u < g)).all(-1)
         u = u.clamp(0, g - 1)
         return (u[..., 2] * g + u[..., 1]) * g + u[..., 0], inside

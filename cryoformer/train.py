@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import queue
@@ -189,10 +190,23 @@ def make_optimizer(model: CryoFormer, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def adam_options(device: torch.device) -> dict:
-    """Fused Adam on CUDA: one kernel for all parameters instead of a few per tensor (the step is
-    launch-bound there); the same arithmetic, and its state dict loads into the unfused optimiser and
-    back (a checkpoint moves between a GPU and a CPU run)."""
-    return {"fused": True} if device.type == "cuda" else {}
+    """Fused Adam: one kernel for all parameters instead of a few per tensor. The step is launch-bound on
+    a GPU; on a CPU torch's default loops over the 129 tensors one by one, 9 ms a step against 1 ms
+    fused, which is 7 % of a training step at train box 32. The same arithmetic, and its state dict loads
+    into the unfused optimiser and back (a checkpoint moves between machines)."""
+    if device.type == "cuda" or _cpu_fused_adam():
+        return {"fused": True}
+    return {"foreach": True}
+
+
+@functools.cache
+def _cpu_fused_adam() -> bool:
+    """Whether this torch has the CPU kernel of fused Adam (2.4 and later)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def lr_factor(cfg: TrainConfig, progress: float) -> float:

@@ -56,11 +56,11 @@ class JobConfig(BaseModel):
     occupancy: bool = Field(True, description="render only occupied cells of a coarse grid estimated from the "
                             "field; 0 elsewhere")
     occupancy_cell_A: float = Field(
-        0.0, ge=0, description="edge of an occupancy-grid cell in Å (at least 2 training-box pixels); 0 = 4 "
+        4.0, ge=0, description="edge of an occupancy-grid cell in Å (at least 2 training-box pixels); 0 = 4 "
         "training-box pixels whatever the pixel size")
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
     occupancy_refresh: int = Field(10000, ge=1, description="images between re-estimates of the occupancy grid "
-                                   "(first one after 2000 images or the first epoch)")
+                                   "(the first after 1000 images or the first epoch)")
     coarse_epochs: int = Field(0, ge=0, description="first epochs trained at half the training box (coarse-to-fine)")
     kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")

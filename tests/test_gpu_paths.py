@@ -740,12 +740,17 @@ def test_training_log_names_the_hash_grid_backend_and_precision(tcnn_installed, 
 
 
 # ------------------------------------------------------------------- fused Adam
-def test_adam_is_fused_on_cuda_only():
-    from cryoformer.train import adam_options, make_optimizer
+def test_adam_is_fused_where_torch_has_the_kernel(monkeypatch):
+    """CUDA always; a CPU when torch has the fused CPU kernel (2.4 and later), else one ``foreach`` pass
+    over the tensors rather than a loop over them."""
+    import cryoformer.train as tr
 
-    assert adam_options(torch.device("cuda", 1)) == {"fused": True}
-    assert adam_options(torch.device("cpu")) == {}
-    assert not make_optimizer(CryoFormer(ModelConfig(**TINY)), TrainConfig()).defaults.get("fused")
+    assert tr.adam_options(torch.device("cuda", 1)) == {"fused": True}
+    assert tr.adam_options(torch.device("cpu")) == {"fused": True}      # the torch these tests install
+    assert tr.make_optimizer(CryoFormer(ModelConfig(**TINY)), TrainConfig()).defaults.get("fused")
+    monkeypatch.setattr(tr, "_cpu_fused_adam", lambda: False)
+    assert tr.adam_options(torch.device("cpu")) == {"foreach": True}
+    assert tr.adam_options(torch.device("cuda", 0)) == {"fused": True}
 
 
 # ------------------------------------------------------------------- Slurm without torchrun
@@ -871,7 +876,7 @@ def test_fused_adam_state_moves_to_the_unfused_optimiser_and_steps_alike():
     state = fused.state_dict()
     grad = torch.randn(50)
     after = []
-    for options in ({}, {"fused": True}):
+    for options in ({}, {"foreach": True}, {"fused": True}):
         q = torch.nn.Parameter(p.detach().clone())
         opt = torch.optim.Adam([q], lr=1e-2, betas=(0.9, 0.99), eps=1e-15, **options)
         opt.load_state_dict(copy.deepcopy(state))
@@ -880,3 +885,4 @@ def test_fused_adam_state_moves_to_the_unfused_optimiser_and_steps_alike():
         after.append(q.detach())
     assert not torch.equal(after[0], p.detach())
     assert torch.allclose(after[0], after[1], rtol=0, atol=1e-7)
+    assert torch.allclose(after[0], after[2], rtol=0, atol=1e-7)

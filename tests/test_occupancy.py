@@ -35,6 +35,20 @@ def test_cell_lookup_matches_voxel_geometry():
     assert not grid.lookup(torch.tensor([[100.0, 0.0, 0.0]]), 16).any()
 
 
+@pytest.mark.parametrize("box, cells", [(24, 12), (24, 6), (40, 20), (48, 12), (96, 24), (32, 16), (64, 16)])
+def test_every_cell_holds_the_same_voxels(box, cells):
+    """Where the box is a multiple of the cells, each cell is (box / cells)^3 voxels, the ones counted
+    from the box's edge: a boundary voxel rounded into the cell below would leave a cell one voxel wide,
+    whose one-cell margin then reaches a single voxel (at box 24 that cut the edge of a molecule)."""
+    grid = OccupancyGrid(cells)
+    idx, inside = grid.cell_index(volume_points(box), box)
+    assert inside.all()
+    per_axis = box // cells
+    expected = np.arange(box) // per_axis                                  # cell of each voxel along x
+    np.testing.assert_array_equal(idx.view(box, box, box)[0, 0].numpy(), expected)
+    np.testing.assert_array_equal(np.bincount(idx.numpy(), minlength=cells ** 3), per_axis ** 3)
+
+
 def test_update_thresholds_cell_means_and_grows_by_the_margin():
     grid = OccupancyGrid(8)
     dens = torch.zeros(8, 8, 8)

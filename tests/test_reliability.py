@@ -288,20 +288,20 @@ def test_continue_refuses_a_changed_model(trained_job, tmp_path, param, value, o
 
 
 def test_continue_names_the_occupancy_cells(trained_job, tmp_path):
-    """A job trained with the 4-pixel grid (the default) continued with 4 Å cells is refused with both grids'
-    sizes in cells (what the checkpoint holds) under the parameter's name, which is in Å."""
+    """A job trained with 4 Å cells (the default) continued with the 4-pixel grid (0) is refused with both
+    grids' sizes in cells (what the checkpoint holds) under the parameter's name, which is in Å."""
     from cryoformer_ext.job.configs import model_config_for
 
     root, job = trained_job
     work = tmp_path / "job"
     shutil.copytree(job, work)
     star = read_particles_star(root / "Sim" / "particles.star", root=root)
-    finer = JobConfig.from_strings({**MODEL_TINY, "occupancy_cell_A": "4"})
+    coarser = JobConfig.from_strings({**MODEL_TINY, "occupancy_cell_A": "0"})
     old = model_config_for(star.data, JobConfig.from_strings(MODEL_TINY), 1.0).occupancy_cells
-    new = model_config_for(star.data, finer, 1.0).occupancy_cells
+    new = model_config_for(star.data, coarser, 1.0).occupancy_cells
     assert old != new
     with pytest.raises(JobConfigError) as e:
-        run_job(star.data, finer, work, log=lambda m: None)
+        run_job(star.data, coarser, work, log=lambda m: None)
     assert f"occupancy_cell_A: the occupancy grid has {old} cells per axis in the checkpoint, {new} now" in str(e.value)
 
 

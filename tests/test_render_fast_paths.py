@@ -207,13 +207,13 @@ def test_projection_of_occupied_columns_equals_the_full_projection(offset):
 
 def test_job_parameter_sets_the_cells_per_axis():
     """``occupancy_cell_A`` from the job's strings reaches the model: 4 Å at 2 Å pixels of a 64 training
-    box is 32 cells; 0 (the default) keeps the fixed 4-pixel cell (16)."""
+    box is 32 cells (the default); 0 keeps the fixed 4-pixel cell (16)."""
     from cryoformer_ext.config import JobConfig
     from cryoformer_ext.job.configs import occupancy_cells_for
 
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "4"})) == 32
     assert occupancy_cells_for(64, 2.0, JobConfig.from_strings({"occupancy_cell_A": "0"})) == 16
-    assert occupancy_cells_for(64, 2.0, JobConfig()) == 16
+    assert occupancy_cells_for(64, 2.0, JobConfig()) == 32
 
 
 def test_autocast_keeps_the_explicit_attention(monkeypatch):
