@@ -20,6 +20,7 @@ job render the whole sphere). The fraction of the sphere rendered is written wit
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -29,7 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("cryoformer") is None:
+    # a machine without the package installed: this tree's code. Never otherwise: a baseline's child finds
+    # that commit's code through PYTHONPATH, and this tree anywhere on the path would shadow it (the old
+    # commits' packages have no __init__.py, and a regular package wins over a namespace one)
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 import gitref  # noqa: E402
 from profile_step import prepare_model  # noqa: E402
 
@@ -94,6 +99,7 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
         "peak_gpu_mem_GB": torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else None,
         "job_overrides": extra_job,
         "model": {k: v for k, v in mcfg.model_dump().items() if k not in ("data_scale",)}, **extra,
+        "code_path": str(Path(list(sys.modules["cryoformer"].__path__)[0]).resolve().parent),
     }
 
 
@@ -125,6 +131,9 @@ def run_children(code_root: Path | None, a) -> list[dict]:
             raise SystemExit(f"box {box} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
+        expected = (code_root or gitref.REPO).resolve()
+        if Path(r["code_path"]) != expected:
+            raise SystemExit(f"box {box}: the child measured the code in {r['code_path']}, not {expected}")
         r["code"] = gitref.describe(code_root)
         print(f"[{r['code']}] D={box}: {r['images_per_s']:.2f} images/s ({r['images_per_cpu_s']:.2f} per CPU s), "
               f"{r['time_per_epoch_100k_particles_h']:.1f} h "
