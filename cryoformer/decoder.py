@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .point_density import point_density
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -165,9 +167,12 @@ class SpatialDensityHead(nn.Module):
         with torch.profiler.record_function("cf:point_attention"):
             if self.mode == "point":
                 qn, u = query                                                 # u = W1 q + b1
+                autocast = torch.is_autocast_enabled(qn.device.type)
+                if self.fused and not return_attention and not autocast and qn.device.type == "cpu":
+                    return point_density(qn, u, keys, values, self.ffn[2].weight, self.ffn[2].bias)
                 # under autocast (bf16 on a GPU) the explicit form, whose bf16-vs-fp32 maps gpu_check's
                 # dry run validated; the fused kernel there gave maps further from fp32 (0.78 vs 0.86)
-                if return_attention or not self.fused or torch.is_autocast_enabled(qn.device.type):
+                if return_attention or not self.fused or autocast:
                     o, a = point_attention_explicit(qn, keys, values)
                 else:
                     o, a = point_attention_fused(qn, keys, values), None

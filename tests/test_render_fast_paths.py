@@ -218,20 +218,50 @@ def test_job_parameter_sets_the_cells_per_axis():
 
 def test_autocast_keeps_the_explicit_attention(monkeypatch):
     """Under bf16 autocast the head takes the explicit form (the one the bf16 precision checks cover);
-    in fp32 it takes the fused kernel."""
+    in fp32 on a CPU it takes the piecewise density pass."""
     import cryoformer.decoder as decoder
 
     calls = []
-    real = decoder.point_attention_fused
-    monkeypatch.setattr(decoder, "point_attention_fused", lambda *a: calls.append(1) or real(*a))
+    for name in ("point_density", "point_attention_fused"):
+        real = getattr(decoder, name)
+        monkeypatch.setattr(decoder, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     torch.manual_seed(7)
     model = CryoFormer(ModelConfig(**SMALL)).eval()
     with torch.no_grad():
         model.volume(None)
-        assert calls == [1]
+        assert calls == ["point_density"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model.volume(None)
-    assert calls == [1]
+    assert calls == ["point_density"]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_piecewise_point_density_equals_the_explicit_head(shared, monkeypatch):
+    """Density = w2 . ReLU(softmax(q K^T) V + u) + b2 taken a few points at a time, with the backward
+    recomputing the softmax from the log-sum-exp: the same values and gradients (all six inputs) as the
+    explicit form in float64, over several pieces and a ragged last one."""
+    import cryoformer.point_density as pd
+
+    monkeypatch.setattr(pd, "PIECE_ELEMENTS", 3 * 16 * 10)                  # 10 points per piece
+    torch.manual_seed(3)
+    b, p, n, c = 3, 37, 8, 16
+    q = torch.randn(p, c) if shared else torch.randn(b, p, c)
+    inputs = [q * 2, torch.randn(q.shape) * 0.5, torch.randn(b, n, c), torch.randn(b, n, c),
+              torch.randn(1, c), torch.randn(1)]
+
+    def explicit(qn, u, k, v, w2, b2):
+        o = _softmax_reference(qn, k, v)                                      # float64, point by point
+        return (torch.relu(o + u.double()) @ w2.double().t()).squeeze(-1) + b2.double()
+
+    weights = torch.linspace(-1, 1, b * p).view(b, p)
+    grads = []
+    for fn in (pd.point_density, explicit):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        grads.append((out.double(), torch.autograd.grad((out * weights).sum(), leaves)))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    for g_pieces, g_explicit in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g_pieces.double(), g_explicit.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_canonical_render_without_column_compaction_is_the_same(monkeypatch):

@@ -1,0 +1,116 @@
+"""Point attention and the density FFN in one pass over cache-sized pieces of the points (CPU).
+
+The head's density at a point is ``w2 . ReLU(softmax(q K^T) V + u) + b2`` for each image's keys K and values
+V (the FFN's first layer folded into V). Written as separate torch operations, each step of that reads and
+writes a (B, P, C) tensor: at train box 64 those are 45 MB each (8 images, 22,000 occupied voxels, 64
+channels), so the step streams them through memory a dozen times forward and backward, and the
+memory-bound parts (add, ReLU and its backward, the sums over images of the shared queries' gradients)
+cost as much as the two fused attention products. Here the points are taken a few hundred at a time, so
+every intermediate stays in the CPU's cache, and the backward recomputes the softmax from the saved
+log-sum-exp (as flash attention does) instead of keeping any (B, P, ...) tensor. The same function:
+equal to the explicit form to float rounding (``tests/test_render_fast_paths.py``).
+
+A GPU keeps ``scaled_dot_product_attention``: a Python loop over pieces would launch a dozen kernels
+per piece.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# points per piece x images x channels: 2^17 floats (512 KB) per (B, p, C) intermediate
+PIECE_ELEMENTS = 1 << 17
+
+
+def piece_points(batch: int, channels: int) -> int:
+    return max(16, PIECE_ELEMENTS // max(1, batch * channels))
+
+
+def _logits(qn: torch.Tensor, keys: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """(B, p, N) logits of points s:e; shared (P, C) queries take one GEMM against every image's keys."""
+    b, n, c = keys.shape
+    if qn.dim() == 2:
+        return (qn[s:e] @ keys.reshape(b * n, c).t()).view(e - s, b, n).transpose(0, 1)
+    return torch.bmm(qn[:, s:e], keys.transpose(1, 2))
+
+
+def _rows(t: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    return t[s:e] if t.dim() == 2 else t[:, s:e]
+
+
+class _PointDensity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qn, u, keys, values, w2, b2):
+        b, _, c = keys.shape
+        p = qn.shape[-2]
+        step = piece_points(b, c)
+        dens = qn.new_empty(b, p)
+        lse = qn.new_empty(b, p)
+        w = w2.reshape(c, 1)
+        for s in range(0, p, step):
+            e = min(p, s + step)
+            logits = _logits(qn, keys, s, e)
+            m = torch.logsumexp(logits, -1, keepdim=True)
+            h = torch.bmm(logits.sub_(m).exp_(), values).add_(_rows(u, s, e)).relu_()
+            dens[:, s:e] = (h @ w).squeeze(-1)
+            lse[:, s:e] = m.squeeze(-1)
+        ctx.save_for_backward(qn, u, keys, values, w2, lse)
+        return dens.add_(b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qn, u, keys, values, w2, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        b, n, c = keys.shape
+        p = qn.shape[-2]
+        step = piece_points(b, c)
+        grad = grad.contiguous()
+        dq = torch.empty_like(qn) if need[0] else None
+        du = torch.empty_like(u) if need[1] else None
+        dk = torch.zeros(b * n, c, dtype=keys.dtype, device=keys.device)
+        dv = torch.zeros_like(values)
+        dw = torch.zeros(c, dtype=w2.dtype, device=w2.device)
+        for s in range(0, p, step):
+            e = min(p, s + step)
+            a = _logits(qn, keys, s, e).sub_(lse[:, s:e, None]).exp_()            # (B, p, N)
+            h = torch.bmm(a, values).add_(_rows(u, s, e)).relu_()                   # (B, p, C)
+            g = grad[:, s:e, None]
+            dw += (h * g).sum((0, 1))
+            dh = (h > 0).to(h.dtype).mul_(g).mul_(w2.reshape(c))                  # d pre-activation
+            if du is not None:
+                if u.dim() == 2:
+                    du[s:e] = dh.sum(0)
+                else:
+                    du[:, s:e] = dh
+            dv += torch.bmm(a.transpose(1, 2), dh)
+            da = torch.bmm(dh, values.transpose(1, 2))
+            dl = da.sub_((da * a).sum(-1, keepdim=True)).mul_(a)                    # d logits (B, p, N)
+            _key_query_grads(qn, keys, dl, s, e, dq, dk)
+        db = grad.sum().reshape(1) if need[5] else None
+        return dq, du, dk.view(b, n, c), dv, dw.view_as(w2), db
+
+
+def _key_query_grads(qn: torch.Tensor, keys: torch.Tensor, dl: torch.Tensor, s: int, e: int,
+                     dq: torch.Tensor | None, dk: torch.Tensor) -> None:
+    """Accumulate the keys' gradient and write the queries' for points s:e (shared queries: one GEMM each
+    over all images' tokens, which also sums the images' contributions to a shared query)."""
+    b, n, c = keys.shape
+    if qn.dim() == 2:
+        flat = dl.transpose(0, 1).reshape(e - s, b * n)                            # (p, B*N)
+        if dq is not None:
+            dq[s:e] = flat @ keys.reshape(b * n, c)
+        dk += flat.t() @ qn[s:e]
+    else:
+        if dq is not None:
+            dq[:, s:e] = torch.bmm(dl, keys)
+        dk += torch.bmm(dl.transpose(1, 2), qn[:, s:e]).reshape(b * n, c)
+
+
+def point_density(qn: torch.Tensor, u: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Density (B, P) = ``w2 . ReLU(softmax(qn K^T) V + u) + b2`` in fp32.
+
+    ``qn``, ``u``: (P, C) shared by the B images or (B, P, C); ``keys``, ``values``: (B, N, C); ``w2``
+    (1, C), ``b2`` (1,). ``qn`` is already scaled (temperature and 1/sqrt(C))."""
+    f = torch.float32
+    return _PointDensity.apply(qn.to(f), u.to(f), keys.to(f), values.to(f), w2.to(f), b2.to(f))
