@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .point_density import pays as point_density_pays
 from .point_density import point_density
 
 
@@ -168,7 +169,7 @@ class SpatialDensityHead(nn.Module):
             if self.mode == "point":
                 qn, u = query                                                 # u = W1 q + b1
                 autocast = torch.is_autocast_enabled(qn.device.type)
-                if self.fused and not return_attention and not autocast and qn.device.type == "cpu":
+                if self.fused and not return_attention and not autocast and point_density_pays(qn, keys):
                     return point_density(qn, u, keys, values, self.ffn[2].weight, self.ffn[2].bias)
                 # under autocast (bf16 on a GPU) the explicit form, whose bf16-vs-fp32 maps gpu_check's
                 # dry run validated; the fused kernel there gave maps further from fp32 (0.78 vs 0.86)

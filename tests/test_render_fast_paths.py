@@ -53,9 +53,16 @@ def test_fused_point_attention_equals_explicit_softmax(shared):
         torch.testing.assert_close(g_fused, g_explicit, rtol=1e-4, atol=1e-5)
 
 
-def test_model_density_is_the_same_fused_or_explicit_and_attention_map_is_kept():
-    """The head's fused path gives the explicit path's densities and loss gradients; asking for the
-    attention map still returns it (rows sum to 1) with the same densities."""
+@pytest.mark.parametrize("pieces", [False, True])
+def test_model_density_is_the_same_fused_or_explicit_and_attention_map_is_kept(pieces, monkeypatch):
+    """The head's fused path (the fused kernel, or the piecewise pass in pieces of 20 points) gives the
+    explicit path's densities and loss gradients; asking for the attention map still returns it (rows
+    sum to 1) with the same densities."""
+    import cryoformer.point_density as pd
+
+    if pieces:
+        monkeypatch.setattr(pd, "PIECEWISE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(pd, "PIECE_ELEMENTS", 3 * 16 * 20)
     torch.manual_seed(1)
     model = CryoFormer(ModelConfig(**SMALL))
     images, rot = torch.randn(3, 16, 16), random_rotations(3, seed=1)
@@ -218,8 +225,9 @@ def test_job_parameter_sets_the_cells_per_axis():
 
 def test_autocast_keeps_the_explicit_attention(monkeypatch):
     """Under bf16 autocast the head takes the explicit form (the one the bf16 precision checks cover);
-    in fp32 on a CPU it takes the piecewise density pass."""
+    in fp32 on a CPU the fused kernel, or the piecewise density pass where the points are many."""
     import cryoformer.decoder as decoder
+    import cryoformer.point_density as pd
 
     calls = []
     for name in ("point_density", "point_attention_fused"):
@@ -229,10 +237,12 @@ def test_autocast_keeps_the_explicit_attention(monkeypatch):
     model = CryoFormer(ModelConfig(**SMALL)).eval()
     with torch.no_grad():
         model.volume(None)
-        assert calls == ["point_density"]
+        monkeypatch.setattr(pd, "PIECEWISE_MIN_ELEMENTS", 0)
+        model.volume(None)
+        assert calls == ["point_attention_fused", "point_density"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model.volume(None)
-    assert calls == ["point_density"]
+    assert calls == ["point_attention_fused", "point_density"]
 
 
 @pytest.mark.parametrize("shared", [True, False])
