@@ -20,7 +20,7 @@
   :mod:`cryoformer_ext.analysis.solvent_mask`) of the voxel-wise maximum over the consensus and k-means maps, so
   that no state is cut; it is the mask the next RELION or cryoSPARC job takes,
 * ``occupancy_mask.mrc`` - the model's occupancy grid (where it renders density at all; an acceleration
-  structure with hard 4-px cells, kept for inspection, not a solvent mask),
+  structure with hard cell edges, kept for inspection, not a solvent mask),
 * a UMAP embedding (``umap.npy``) for every heterogeneous job with zdim >= 2 (:mod:`cryoformer_ext.analysis.umap_embed`),
 * ``z.pkl`` - the latents in cryoDRGN's format, and ChimeraX scripts ``chimerax/*.cxc`` that open the maps
   (:mod:`cryoformer_ext.formats.chimerax`),

@@ -192,7 +192,7 @@ def attention_maps(generator, cons_z: np.ndarray | None, consensus_vol: np.ndarr
 
 
 def occupancy_mask_map(generator, box: int, ledger: OutputLedger, log: Log) -> dict[str, Any] | None:
-    """``occupancy_mask.mrc``: where the model renders density at all (the occupancy grid's 4-px cells,
+    """``occupancy_mask.mrc``: where the model renders density at all (the occupancy grid's cells, 4 Å by default,
     a union over many particles' latents). An acceleration structure with hard edges, written for
     inspection under its own name; the solvent mask is ``solvent_mask.mrc``."""
     train_box = int(getattr(generator, "train_box", box))
