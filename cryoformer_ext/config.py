@@ -61,7 +61,9 @@ class JobConfig(BaseModel):
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
     occupancy_refresh: int = Field(10000, ge=1, description="images between re-estimates of the occupancy grid "
                                    "(the first after 1000 images or the first epoch)")
-    coarse_epochs: int = Field(0, ge=0, description="first epochs trained at half the training box (coarse-to-fine)")
+    coarse_epochs: int | None = Field(
+        None, ge=0, description="first epochs trained at half the training box (coarse-to-fine; each costs about a "
+        "quarter of a full one); default: a sixth of the epochs, at most 3; 0 = none")
     kmeans: int = Field(10, ge=1, description="k-means classes in latent space")
     pcs: int = Field(2, ge=0, description="principal components to make volume series along")
     pc_steps: int = Field(10, ge=2, description="maps per principal-component series")

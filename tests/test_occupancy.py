@@ -186,3 +186,15 @@ def test_occupancy_schedule_is_a_function_of_the_image_count():
     assert due == [90, 340, 590, 840, 1090, 1340, 1590, 1840]
     # a data set smaller than the warm-up: the first estimate at the end of the first epoch
     assert [s for s in range(0, 400, 10) if occupancy_due(cfg, 50, s, s + 10)] == [40, 290]
+
+
+@pytest.mark.parametrize("epochs, given, expected", [(20, None, 3), (18, None, 3), (14, None, 2), (12, None, 2),
+                                                      (5, None, 0), (1, None, 0), (20, "0", 0), (4, "3", 3)])
+def test_coarse_epochs_default_is_a_sixth_of_the_run(epochs, given, expected):
+    """The job's coarse stage reaches the trainer: by default a sixth of the epochs, at most 3 (short runs
+    none), and a value the user gives is used as given, 0 included."""
+    from cryoformer_ext.config import JobConfig
+    from cryoformer_ext.job.configs import train_config_for
+
+    strings = {"epochs": str(epochs)} | ({} if given is None else {"coarse_epochs": given})
+    assert train_config_for(JobConfig.from_strings(strings)).coarse_epochs == expected

@@ -42,7 +42,20 @@ def training_box(config: JobConfig, box: int) -> int:
 def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
     return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_final=config.lr_final,
                        seed=config.seed, device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
-                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=config.coarse_epochs)
+                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=coarse_epochs_for(config))
+
+
+#: the default coarse stage: a sixth of the epochs, never more than this many
+DEFAULT_COARSE_EPOCHS_MAX = 3
+
+
+def coarse_epochs_for(config: JobConfig) -> int:
+    """Epochs at half the training box. The latent starts to follow the motion only after some thousands of
+    images whatever the box; at half the box those images cost a quarter as much, and the maps catch up within
+    an epoch or two at the full box. A sixth of the epochs (at most 3) keeps most of a short run at full box."""
+    if config.coarse_epochs is not None:
+        return config.coarse_epochs
+    return min(DEFAULT_COARSE_EPOCHS_MAX, config.epochs // 6)
 
 
 def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -> ModelConfig:
