@@ -327,7 +327,7 @@ def _compare_runs(ckpt: Path, ref_ckpt: Path, device, keep: dict, n: int) -> dic
     run, ref = load_checkpoint(ckpt / "last.pt"), load_checkpoint(ref_ckpt / "last.pt")
     weights = [k for k, v in ref["model"].items() if v.is_floating_point()]
     grids = [k for k in ref["model"] if k.endswith("occupancy.occupied")]
-    model = CryoFormer(ModelConfig(**run["model_config"])).to(device)
+    model = CryoFormer(ModelConfig.from_checkpoint(run["model_config"])).to(device)
     model.load_state_dict(run["model"])
     idx = np.arange(min(4, n))
     # the last epoch only: the first one mixes the half-box warm-up with a few full-box steps, so its mean

@@ -114,11 +114,37 @@ def point_attention_fused(qn: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return out.squeeze(1).to(values.dtype)
 
 
+class PositionCode(nn.Module):
+    """A fixed smooth code of the position, added to the point attention's query (not to the density path).
+
+    The hash features start at about 1e-4, so every point's query is at first the same vector and the
+    softmax over the tokens is the same everywhere: a conformation's tokens can only change the whole map
+    at once, and the latent gets no gradient that tells one region's change from another's. The motion of
+    a 2,000-particle hinge was picked up only after 7-16 epochs (cryoDRGN, whose decoder mixes z with the
+    position from the first step: 5-7). With this code, regions attend to different tokens from the start;
+    on that hinge the motion appeared at epoch 4, at SNR 0.1 and 0.05 (``bench/results/settings_query_code.md``).
+    Random Fourier features of ``cycles`` periods per box (standard deviation), drawn from their own seed so
+    that every run and rank has the same code; a buffer, so a checkpoint carries it."""
+
+    FEATURES = 16
+    SEED = 1234
+
+    def __init__(self, dim: int, cycles: float):
+        super().__init__()
+        g = torch.Generator().manual_seed(self.SEED)
+        self.register_buffer("freq", torch.randn(3, self.FEATURES, generator=g) * (2 * math.pi * cycles))
+        self.proj = nn.Linear(2 * self.FEATURES, dim)
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        ang = pos.float() @ self.freq
+        return self.proj(torch.cat([ang.sin(), ang.cos()], -1))
+
+
 class SpatialDensityHead(nn.Module):
     """Hash-grid features of points + per-image tokens T -> density at those points."""
 
     def __init__(self, feat_dim: int, tokens: int, dim: int, mode: Literal["point", "literal"] = "point",
-                 hidden: int = 16):
+                 hidden: int = 16, query_code_cycles: float = 0.0):
         super().__init__()
         self.mode = mode
         self.tokens, self.dim = tokens, dim
@@ -136,6 +162,7 @@ class SpatialDensityHead(nn.Module):
             self.q_norm = nn.LayerNorm(dim)
             self.k_norm = nn.LayerNorm(dim)
             self.log_temp = nn.Parameter(torch.tensor(math.log(4.0)))
+            self.query_code = PositionCode(dim, query_code_cycles) if query_code_cycles > 0 else None
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
     def keys_values(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,14 +176,16 @@ class SpatialDensityHead(nn.Module):
             return self.k_norm(self.k(t)), torch.matmul(self.v(t), self.ffn[0].weight.t())
         return t, t
 
-    def spatial_query(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The position-only part: hash features (..., P, F) -> what each point attends with.
+    def spatial_query(self, feats: torch.Tensor, pos: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The position-only part: hash features (..., P, F) [and positions (..., P, 3) in box units, centred
+        on 0, for the query code] -> what each point attends with.
 
         Split from :meth:`attend` because it does not depend on the image: when the points are the same
         for every image of a batch (the canonical voxel grid), it is computed once per step."""
         if self.mode == "point":
             q = self.spatial(feats)                                       # (..., P, C)
-            return self.q_norm(q) * (self.log_temp.exp() / math.sqrt(self.dim)), self.ffn[0](q)
+            qa = q if self.query_code is None or pos is None else q + self.query_code(pos).to(q.dtype)
+            return self.q_norm(qa) * (self.log_temp.exp() / math.sqrt(self.dim)), self.ffn[0](q)
         return (self.spatial(feats).unflatten(-1, (self.tokens, self.dim)),)  # F_S(x): N x C per point
 
     def attend(self, query: tuple[torch.Tensor, ...], kv: tuple[torch.Tensor, torch.Tensor],

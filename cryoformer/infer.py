@@ -38,7 +38,7 @@ class Reconstruction:
             path = latest_checkpoint(path)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         state = load_checkpoint(path, dev)
-        model = CryoFormer(ModelConfig(**state["model_config"])).to(dev)
+        model = CryoFormer(ModelConfig.from_checkpoint(state["model_config"])).to(dev)
         model.load_state_dict(state["model"])
         return cls(model, state.get("loss_history"), int(state.get("epoch", 0)))
 

@@ -18,7 +18,7 @@ from .encoders import DeformationEncoder, OrientationEncoder
 from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_forward
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
-from .occupancy import OccupancyGrid, cell_means
+from .occupancy import OccupancyGrid, cell_means, union_over_latents
 from .render import corrupt, pack_rows, project_volumes, rotated_points, sample_reach
 
 
@@ -45,6 +45,9 @@ class ModelConfig(BaseModel):
     hash_scale: float | None = Field(
         None, description="per-level scale; None = finest level at the training box (1.5 = tcnn sample config)")
     spatial_hidden: int = 16
+    query_code_cycles: float = Field(
+        2.0, ge=0, description="periods per box of the fixed position code in the point attention's query "
+        "(cryoformer.decoder.PositionCode); 0 = none (the paper's query, and checkpoints made before the code)")
     pose_mode: Literal["given", "refine", "predict"] = "given"
     pose_aware_encoder: bool = Field(True, description="deformation encoder sees in-plane-derotated images and the view")
     encoder_box: int | None = Field(
@@ -59,6 +62,12 @@ class ModelConfig(BaseModel):
     occupancy_cells: int = Field(0, ge=0, description="occupancy grid cells per axis (0 = off: the whole sphere)")
     chunk_points: int | None = Field(None, ge=1, description="points per chunk; None = from the free memory")
     data_scale: float = 1.0
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "ModelConfig":
+        """The architecture a checkpoint was made with: a field added since takes the value that rebuilds
+        the older model, not today's default."""
+        return cls(**{"query_code_cycles": 0.0, **saved})
 
 
 def resolve_hash_scale(cfg: ModelConfig) -> float:
@@ -120,7 +129,7 @@ class CryoFormer(nn.Module):
         self.grid = HashGrid(cfg.hash_levels, cfg.hash_features, cfg.hash_log2_size, cfg.hash_base,
                              resolve_hash_scale(cfg))
         self.head = SpatialDensityHead(self.grid.n_output_dims, cfg.tokens, cfg.channels, cfg.attention,
-                                       cfg.spatial_hidden)
+                                       cfg.spatial_hidden, cfg.query_code_cycles)
         self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values)
         if cfg.zdim > 0:
             self.def_encoder = DeformationEncoder(self.encoder_box, cfg.zdim, cfg.enc_dim, cfg.enc_layers,
@@ -176,7 +185,7 @@ class CryoFormer(nn.Module):
             feats = planned_forward(self.grid, plan)
         else:
             feats = self.grid(pts.float() / self.cfg.box + 0.5)
-        return self.head.spatial_query(feats)
+        return self.head.spatial_query(feats, pts.float() / self.cfg.box)
 
     def density(self, pts: torch.Tensor, kv, return_attention: bool = False, plan: HashGridPlan | None = None):
         """Density (B, P) at volume-frame points in training-box pixels: (P, 3) shared by the B
@@ -372,12 +381,14 @@ class CryoFormer(nn.Module):
     @torch.no_grad()
     def estimate_occupancy(self, z: torch.Tensor | None, threshold: float, margin: int, stride: int = 2) -> float:
         """Re-estimate the occupancy grid from the field: the union over the latents ``z`` (K, zdim) of the
-        cells whose mean |density| exceeds ``threshold`` x the largest, grown by ``margin`` cells.
+        cells whose mean density exceeds ``threshold`` x the largest (:func:`union_over_latents`), grown by
+        ``margin`` cells.
 
-        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel, never
-        coarser than a cell, so that every cell is looked at), so a cell that was empty can only come back
-        through the margin of a neighbour with density. The position-only part of the field is evaluated
-        once and attended by each latent's tokens. Returns the occupied fraction of the training sphere."""
+        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel, with at
+        least two samples along each axis of a cell, so that a cell's mean is not one voxel's value), so a
+        cell that was empty can only come back through the margin of a neighbour with density. The
+        position-only part of the field is evaluated once and attended by each latent's tokens. Returns the
+        occupied fraction of the training sphere."""
         occ = self.occupancy
         was_training = self.training
         self.eval()
@@ -385,19 +396,19 @@ class CryoFormer(nn.Module):
         lat = self._lattice(box)
         pts = lat["voxel_pts"]
         vox = lat["voxels"]
-        stride = max(1, min(stride, box // occ.cells))
+        stride = max(1, min(stride, box // (2 * occ.cells)))
         if stride > 1:
             sub = ((pts + box // 2).long() % stride == 0).all(-1)
             pts, vox = pts[sub], vox[sub]
         zs = [None] if z is None or self.cfg.zdim == 0 else list(z)
-        best = torch.zeros(occ.cells ** 3, device=pts.device)
         shared = self.cfg.attention == "point"
         query = self.field_query(pts) if shared else None
+        cells = []
         for zi in zs:
             kv = self.head.keys_values(self.tokens_from_latent(None if zi is None else zi.view(1, -1), 1))
             dens = (self._attend_chunked(query, kv) if shared else self.evaluate(pts, kv)).float()
-            best = torch.maximum(best, cell_means(dens, box, occ, vox)[0].abs())
-        occ.update(best.view((occ.cells,) * 3), threshold, margin)
+            cells.append(cell_means(dens, box, occ, vox)[0])
+        occ.update(union_over_latents(torch.stack(cells)).view((occ.cells,) * 3), threshold, margin)
         self.train(was_training)
         return occ.sphere_fraction(box)
 

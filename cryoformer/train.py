@@ -486,7 +486,7 @@ def _start_or_resume(path: Path, model_cfg: ModelConfig, cfg: TrainConfig, devic
     resumed = None
     if path.exists():
         resumed = load_checkpoint(path, "cpu")  # the RNG states must stay CPU tensors; weights move below
-        model_cfg = ModelConfig(**resumed["model_config"])
+        model_cfg = ModelConfig.from_checkpoint(resumed["model_config"])
     model = CryoFormer(model_cfg).to(device)
     invalidate_budget()  # memory budgets of an earlier run on this device are out of date
     opt = make_optimizer(model, cfg)

@@ -50,6 +50,10 @@ class JobConfig(BaseModel):
         "deformation", description="values of the decoder's cross-attention: deformation = from the image's "
         "deformation tokens F_D (z moves the tokens directly; learns the motion sooner at low SNR); queries = "
         "Attn(Q, F_D, Q), the paper's form")
+    query_code: float = Field(
+        2.0, ge=0, description="periods per box of a fixed position code added to the point attention's query, "
+        "so that regions attend to different tokens from the start (the motion is learned sooner); 0 = the "
+        "paper's query")
     encoder_box: int | None = Field(
         None, ge=8, description="the deformation encoder sees the image Fourier-cropped to this box (a low-pass; "
         "even); default: the training box")

@@ -65,6 +65,7 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
         channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
         enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
         hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
+        query_code_cycles=config.query_code,
         encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
         occupancy_cells=occupancy_cells_for(tb, data.pixel_size_A * data.box / tb, config) if config.occupancy else 0)
 

@@ -40,7 +40,7 @@ ENCODE_CHUNK = 8192  # particles encoded between two abort checks
 MEASURED_FIELDS = frozenset({"data_scale"})
 #: the job parameter behind a ModelConfig field whose name is not a parameter's
 PARAMETER_OF = {"box": "train_box", "pixel_size_A": "train_box", "pose_mode": "poses", "heads": "channels",
-                "occupancy_cells": "occupancy_cell_A"}
+                "occupancy_cells": "occupancy_cell_A", "query_code_cycles": "query_code"}
 
 
 class JobAborted(RuntimeError):
@@ -110,7 +110,7 @@ def check_continue(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
     path = Path(ckpt_dir) / CHECKPOINT_NAME
     if not path.exists():
         return
-    old = ModelConfig(**load_checkpoint(path)["model_config"])
+    old = ModelConfig.from_checkpoint(load_checkpoint(path)["model_config"])
     changes = architecture_changes(old, model_cfg)
     if changes:
         raise JobConfigError(
