@@ -18,7 +18,7 @@ from .encoders import DeformationEncoder, OrientationEncoder
 from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_forward
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
-from .occupancy import OccupancyGrid, cell_means
+from .occupancy import OccupancyGrid, cell_means, union_over_latents
 from .render import corrupt, pack_rows, project_volumes, rotated_points, sample_reach
 
 
@@ -381,12 +381,14 @@ class CryoFormer(nn.Module):
     @torch.no_grad()
     def estimate_occupancy(self, z: torch.Tensor | None, threshold: float, margin: int, stride: int = 2) -> float:
         """Re-estimate the occupancy grid from the field: the union over the latents ``z`` (K, zdim) of the
-        cells whose mean |density| exceeds ``threshold`` x the largest, grown by ``margin`` cells.
+        cells whose mean density exceeds ``threshold`` x the largest (:func:`union_over_latents`), grown by
+        ``margin`` cells.
 
-        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel, never
-        coarser than a cell, so that every cell is looked at), so a cell that was empty can only come back
-        through the margin of a neighbour with density. The position-only part of the field is evaluated
-        once and attended by each latent's tokens. Returns the occupied fraction of the training sphere."""
+        Only the currently occupied voxels are looked at (on a lattice of every ``stride``-th voxel, with at
+        least two samples along each axis of a cell, so that a cell's mean is not one voxel's value), so a
+        cell that was empty can only come back through the margin of a neighbour with density. The
+        position-only part of the field is evaluated once and attended by each latent's tokens. Returns the
+        occupied fraction of the training sphere."""
         occ = self.occupancy
         was_training = self.training
         self.eval()
@@ -394,19 +396,19 @@ class CryoFormer(nn.Module):
         lat = self._lattice(box)
         pts = lat["voxel_pts"]
         vox = lat["voxels"]
-        stride = max(1, min(stride, box // occ.cells))
+        stride = max(1, min(stride, box // (2 * occ.cells)))
         if stride > 1:
             sub = ((pts + box // 2).long() % stride == 0).all(-1)
             pts, vox = pts[sub], vox[sub]
         zs = [None] if z is None or self.cfg.zdim == 0 else list(z)
-        best = torch.zeros(occ.cells ** 3, device=pts.device)
         shared = self.cfg.attention == "point"
         query = self.field_query(pts) if shared else None
+        cells = []
         for zi in zs:
             kv = self.head.keys_values(self.tokens_from_latent(None if zi is None else zi.view(1, -1), 1))
             dens = (self._attend_chunked(query, kv) if shared else self.evaluate(pts, kv)).float()
-            best = torch.maximum(best, cell_means(dens, box, occ, vox)[0].abs())
-        occ.update(best.view((occ.cells,) * 3), threshold, margin)
+            cells.append(cell_means(dens, box, occ, vox)[0])
+        occ.update(union_over_latents(torch.stack(cells)).view((occ.cells,) * 3), threshold, margin)
         self.train(was_training)
         return occ.sphere_fraction(box)
 

@@ -127,6 +127,28 @@ def dilate(mask: torch.Tensor, margin: int) -> torch.Tensor:
     return F.max_pool3d(x, 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
 
 
+#: a cell counts as occupied for the union when this fraction of the latents looked at reach its density
+#: (4 of the 64 latents of an estimate)
+UNION_FRACTION = 1 / 16
+
+
+def union_over_latents(cell_values: torch.Tensor) -> torch.Tensor:
+    """Per cell, the density (of the map's own sign) that at least ``UNION_FRACTION`` of the latents reach:
+    (K, n) signed cell means -> (n,) >= 0.
+
+    A conformation that some of the particles take keeps its cells, as with the plain maximum over the
+    latents. But where the field has fitted noise (outside the molecule, at low SNR) a cell's mean changes
+    sign and size from latent to latent: its largest |value| over 64 latents beat 5 % of the peak, the
+    margin around it became trainable and fitted noise too, and the grid grew at every estimate (adenylate
+    kinase at SNR 0.05: 32, 35, 56, 81 % of the sphere at the four estimates of 20 epochs; with the query
+    position code 92, 39, 48, 71 %, against 82, 44, 42, 51 % with this union). Negative values are noise of
+    the other sign whatever the contrast: the molecule's sign is that of the largest mean over the latents."""
+    mean = cell_values.mean(0)
+    sign = 1.0 if float(mean[mean.abs().argmax()]) >= 0 else -1.0
+    k = max(1, round(cell_values.shape[0] * UNION_FRACTION))
+    return (cell_values * sign).topk(k, dim=0).values[-1].clamp_min(0)
+
+
 def cell_means(values: torch.Tensor, box: int, grid: OccupancyGrid, voxels: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``values`` (K, P) over the voxels of each cell -> (K, cells^3).
 

@@ -7,6 +7,7 @@ References are independent of the generators: the project's original hinge (``tr
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import tempfile
@@ -270,3 +271,30 @@ def test_headline_times_each_method_to_cryodrgns_final_value():
     assert row["ratio_cryoformer_over_cryodrgn"] == pytest.approx(4.0)
     never = headline([run("cryodrgn", [0.9], [10]), run("cryoformer", [0.5], [5])])[0]
     assert never["cryoformer_s"] is None and never["ratio_cryoformer_over_cryodrgn"] is None
+
+
+def test_combined_suite_takes_each_method_from_the_last_file_that_has_it(tmp_path):
+    """cryoDRGN's run of one comparison beside cryoFormer's run of a later default: the combined file holds
+    the later cryoFormer run (not the earlier one), both commands, and a headline timed on the two runs."""
+    from bench.suite.report import combine
+
+    def run(method, values, secs):
+        eps = [{"epoch": i + 1, "cum_train_s": s, "spearman": v, "knn_accuracy": v, "moving_corr": v, "fsc_auc": v}
+               for i, (v, s) in enumerate(zip(values, secs))]
+        for e in eps:
+            e.update(cv_r2=e["spearman"], epoch_s=10.0, images_per_s=1.0)
+        return {"method": method, "dataset": "x", "train_box": 32, "epochs": eps, "threads": 1, "date": "d"}
+
+    first, second = tmp_path / "suite_a.json", tmp_path / "suite_b.json"
+    first.write_text(json.dumps({"runs": [run("cryodrgn", [0.2, 0.8], [10, 20]), run("cryoformer", [0.1, 0.5], [30, 60])],
+                                 "commands": ["both"]}))
+    second.write_text(json.dumps({"runs": [run("cryoformer", [0.9], [15])], "commands": ["later"]}))
+    out = tmp_path / "suite_c.json"
+    md = combine(out, [first, second])
+    res = json.loads(out.read_text())
+    assert sorted(r["method"] for r in res["runs"]) == ["cryodrgn", "cryoformer"]
+    assert next(r for r in res["runs"] if r["method"] == "cryoformer")["epochs"][0]["cum_train_s"] == 15
+    assert res["commands"] == ["both", "later"]
+    row = next(r for r in res["headline"] if r["score"] == "spearman")
+    assert row["cryoformer_s"] == 15 and row["cryodrgn_s"] == 20
+    assert md.exists()

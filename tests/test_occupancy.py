@@ -198,3 +198,21 @@ def test_coarse_epochs_default_is_a_sixth_of_the_run(epochs, given, expected):
 
     strings = {"epochs": str(epochs)} | ({} if given is None else {"coarse_epochs": given})
     assert train_config_for(JobConfig.from_strings(strings)).coarse_epochs == expected
+
+
+def test_union_over_latents_keeps_a_minority_state_and_drops_lone_spikes():
+    """A cell that 8 of 64 latents fill is kept at their density; a cell that one latent spikes in, or that
+    goes negative, is not; an inverted-contrast map gives the same union."""
+    from cryoformer.occupancy import union_over_latents
+
+    k = 64
+    vals = torch.zeros(k, 4)
+    vals[:, 0] = 1.0                       # the static core
+    vals[:8, 1] = 0.6                      # a conformation of 1/8 of the particles
+    vals[5, 2] = 0.9                       # one latent's fitted noise
+    vals[:, 3] = -0.5                      # density of the other sign everywhere
+    union = union_over_latents(vals)
+    torch.testing.assert_close(union, torch.tensor([1.0, 0.6, 0.0, 0.0]))
+    torch.testing.assert_close(union_over_latents(-vals), union)
+    # one latent (a homogeneous model): its own values, of the map's sign
+    torch.testing.assert_close(union_over_latents(vals[:1]), torch.tensor([1.0, 0.6, 0.0, 0.0]))

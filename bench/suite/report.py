@@ -138,3 +138,29 @@ def plot_pair(runs: list[dict], out: Path, title: str) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(out)
+
+
+def combine(out: Path, sources: list[Path]) -> Path:
+    """One suite file from the runs of several (later files replace a run of the same dataset, box and
+    method), with its report: e.g. cryoDRGN's runs of one comparison beside cryoFormer's runs of a newer
+    default made with ``--methods cryoformer``. Each source's commands are kept."""
+    out.unlink(missing_ok=True)
+    for src in sources:
+        res = json.loads(src.read_text())
+        for run in res["runs"]:
+            merge_runs(out, run, "; ".join(res["commands"]))
+    return write_suite_report(out)
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=combine.__doc__)
+    p.add_argument("out", type=Path, help="suite_<tag>.json to write (its .md and plots beside it)")
+    p.add_argument("sources", type=Path, nargs="+", help="suite_<tag>.json files whose runs it takes, in order")
+    a = p.parse_args()
+    print(combine(a.out, a.sources))
+
+
+if __name__ == "__main__":
+    main()
