@@ -187,7 +187,12 @@ class SpatialDensityHead(nn.Module):
         for every image of a batch (the canonical voxel grid), it is computed once per step."""
         if self.mode == "point":
             q = self.spatial(feats)                                       # (..., P, C)
-            qa = q if self.query_code is None or pos is None else q + self.query_code(pos).to(q.dtype)
+            if self.query_code is None:
+                qa = q
+            elif pos is None:  # without it the query would silently be another function than training's
+                raise ValueError("this head adds a position code to its query: pass the points' positions")
+            else:
+                qa = q + self.query_code(pos).to(q.dtype)
             return self.q_norm(qa) * (self.log_temp.exp() / math.sqrt(self.dim)), self.ffn[0](q)
         return (self.spatial(feats).unflatten(-1, (self.tokens, self.dim)),)  # F_S(x): N x C per point
 
@@ -222,6 +227,7 @@ class SpatialDensityHead(nn.Module):
             return (dens, a.mean(2)) if return_attention else dens
 
     def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                return_attention: bool = False):
-        """``feats`` (B, P, F) or (P, F) hash features; returns density (B, P) [and attention (B, P, N)]."""
-        return self.attend(self.spatial_query(feats), kv, return_attention)
+                return_attention: bool = False, pos: torch.Tensor | None = None):
+        """``feats`` (B, P, F) or (P, F) hash features [``pos`` their positions, for the query code]; returns
+        density (B, P) [and attention (B, P, N)]."""
+        return self.attend(self.spatial_query(feats, pos), kv, return_attention)

@@ -51,3 +51,12 @@ def test_code_phases_stay_fp32_under_autocast():
         under = code(pos)
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_coded_head_refuses_a_query_without_positions():
+    """Dropping the code when no positions are passed would evaluate another field than the trained one."""
+    import pytest
+
+    model = CryoFormer(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="position code"):
+        model.head.spatial_query(torch.zeros(4, model.grid.n_output_dims))
