@@ -207,7 +207,7 @@ def child_cryoformer(data: Path, out: Path, epochs: int, threads: int, batch: in
     job = JobConfig(**{"epochs": epochs, "batch_size": batch, "seed": seed, "threads": threads, **json.loads(job_json)})
     scale = estimate_data_scale(star.data, training_box(job, star.data.box), seed=seed)
     mcfg = model_config_for(star.data, job, scale)
-    tcfg = train_config_for(job, "cpu")
+    tcfg = train_config_for(job, len(star.data), "cpu")
     print(f"job parameters: {job.model_dump_json()}", flush=True)
 
     def log(msg: str) -> None:

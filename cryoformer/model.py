@@ -48,6 +48,10 @@ class ModelConfig(BaseModel):
     query_code_cycles: float = Field(
         2.0, ge=0, description="periods per box of the fixed position code in the point attention's query "
         "(cryoformer.decoder.PositionCode); 0 = none (the paper's query, and checkpoints made before the code)")
+    deformation_norm: bool = Field(
+        False, description="layer-normalise the deformation tokens F_D before the decoder's cross-attention "
+        "(cryoformer.decoder.DeformationBlock); False = F_D as the latent's linear map gives it (checkpoints made "
+        "before this field: True)")
     pose_mode: Literal["given", "refine", "predict"] = "given"
     pose_aware_encoder: bool = Field(True, description="deformation encoder sees in-plane-derotated images and the view")
     encoder_box: int | None = Field(
@@ -67,7 +71,7 @@ class ModelConfig(BaseModel):
     def from_checkpoint(cls, saved: dict) -> "ModelConfig":
         """The architecture a checkpoint was made with: a field added since takes the value that rebuilds
         the older model, not today's default."""
-        return cls(**{"query_code_cycles": 0.0, **saved})
+        return cls(**{"query_code_cycles": 0.0, "deformation_norm": True, **saved})
 
 
 def resolve_hash_scale(cfg: ModelConfig) -> float:
@@ -130,7 +134,8 @@ class CryoFormer(nn.Module):
                              resolve_hash_scale(cfg))
         self.head = SpatialDensityHead(self.grid.n_output_dims, cfg.tokens, cfg.channels, cfg.attention,
                                        cfg.spatial_hidden, cfg.query_code_cycles)
-        self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values)
+        self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values,
+                                        cfg.deformation_norm)
         if cfg.zdim > 0:
             self.def_encoder = DeformationEncoder(self.encoder_box, cfg.zdim, cfg.enc_dim, cfg.enc_layers,
                                                   cfg.pose_aware_encoder)

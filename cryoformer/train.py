@@ -82,7 +82,8 @@ class TrainConfig(BaseModel):
     occupancy_warmup: int = Field(1000, ge=0, description="images trained on before the first estimate of the "
                                   "occupancy grid (at the latest: the end of the first epoch); until then the "
                                   "whole sphere is rendered, at half the training box")
-    occupancy_refresh: int = Field(10000, ge=1, description="images between estimates of the occupancy grid")
+    occupancy_refresh: int = Field(10000, ge=1, description="images between estimates of the occupancy grid, once "
+                                   "the gaps, doubling from the warm-up, reach it")
     occupancy_latents: int = Field(64, ge=1, description="particles whose latents the occupancy grid covers")
     coarse_epochs: int = Field(0, ge=0, description="first epochs rendered and compared at half the training box")
     compile: bool = Field(
@@ -307,12 +308,27 @@ def stage_box(box: int, coarse: bool, estimates: int | None) -> int:
 def occupancy_due(cfg: TrainConfig, n: int, before: int, after: int) -> bool:
     """Whether an occupancy estimate falls between ``before`` and ``after`` images trained (a pure
     function of the image count, so a resumed run estimates exactly where the uninterrupted one did)."""
+    return estimates_by(cfg, n, after) > estimates_by(cfg, n, before)
+
+
+def estimates_by(cfg: TrainConfig, n: int, images: int) -> int:
+    """How many occupancy estimates fall at or before ``images`` images trained.
+
+    The first falls after ``occupancy_warmup`` images (at the latest, the end of the first epoch); the gaps
+    then double until they reach ``occupancy_refresh``. The early field carries a haze that the first
+    estimate keeps (up to three quarters of the sphere on a small protein), and every step renders what
+    the grid keeps, so the grid is re-made soon while the field sharpens, and rarely once it is settled."""
     first = min(cfg.occupancy_warmup, n)
-    if after < first:
-        return False
-    if before < first:
-        return True
-    return (after - first) // cfg.occupancy_refresh > (before - first) // cfg.occupancy_refresh
+    if images < first:
+        return 0
+    if first == 0:
+        return 1 + images // cfg.occupancy_refresh
+    count, point, gap = 1, first, first
+    while gap < cfg.occupancy_refresh:
+        if point + gap > images:
+            return count
+        point, count, gap = point + gap, count + 1, 2 * gap
+    return count + (images - point) // cfg.occupancy_refresh
 
 
 def refresh_occupancy(model: CryoFormer, reader: "BatchReader", n: int, cfg: TrainConfig, device: torch.device) -> float:

@@ -31,9 +31,12 @@ class JobConfig(BaseModel):
     train_box: int | None = Field(None, ge=16, description="Fourier-crop images to this box for training (even; default: 64 or the input box if smaller)")
     batch_size: int = Field(8, ge=1, description="images per training step")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate (hash tables 10x)")
-    lr_final: float = Field(1.0, gt=0, le=1, description="learning rates at the end of training as a fraction of "
-                            "their start (cosine decay over the epochs; 1 = constant). 0.1 steadies the last "
-                            "epochs of a long run; in short runs it stops the motion being learned")
+    lr_final: float | None = Field(
+        None, gt=0, le=1, description="learning rates at the end of training as a fraction of their start (cosine "
+        "decay over the epochs; 1 = constant); default: 0.1 when the run trains at least 10,000 images "
+        "(particles x epochs), else 1. The decay steadies the latent in the later epochs (the states separate "
+        "further, the first principal component follows a motion more closely); a run of a few hundred images "
+        "is all early epochs, and decaying there left its maps unformed")
     poses: Literal["given", "refine", "predict"] = Field(
         "given", description="given = use the input poses; refine = orientation encoder starting from them; predict = orientation encoder only")
     ctf: bool = Field(True, description="particles carry CTF parameters; no = images without a CTF (simulated or already corrected): train without CTF correction")
@@ -54,6 +57,10 @@ class JobConfig(BaseModel):
         2.0, ge=0, description="periods per box of a fixed position code added to the point attention's query, "
         "so that regions attend to different tokens from the start (the motion is learned sooner); 0 = the "
         "paper's query")
+    deformation_norm: bool = Field(
+        False, description="layer-normalise the latent's deformation tokens before the decoder's cross-attention "
+        "(checkpoints made before this parameter: yes). With it the maps depend on the latent's direction only, "
+        "and a motion lies on an arc whose first principal component follows it less well")
     encoder_box: int | None = Field(
         None, ge=8, description="the deformation encoder sees the image Fourier-cropped to this box (a low-pass; "
         "even); default: the training box")
@@ -64,7 +71,8 @@ class JobConfig(BaseModel):
         "training-box pixels whatever the pixel size")
     occupancy_margin: int = Field(1, ge=0, description="cells the occupied region is grown by")
     occupancy_refresh: int = Field(10000, ge=1, description="images between re-estimates of the occupancy grid "
-                                   "(the first after 1000 images or the first epoch)")
+                                   "(the first after 1000 images or the first epoch; the gaps double from there "
+                                   "until they reach this)")
     coarse_epochs: int | None = Field(
         None, ge=0, description="first epochs trained at half the training box (coarse-to-fine; each costs about a "
         "quarter of a full one); default: a sixth of the epochs, at most 3; 0 = none")

@@ -333,16 +333,18 @@ def test_step_loop_does_not_wait_for_the_device(monkeypatch, tmp_path):
 def test_step_loop_with_occupancy_waits_only_where_the_grid_changes(monkeypatch, tmp_path):
     """The defaults (occupancy grid, canonical render with a jittered grid): no device read and no copy
     from pageable host memory in a step, except the first (lattices and constants are made there) and
-    the step that estimates the grid (at 8 images: step 3 of 2 images) and the next one (new lattices)."""
+    the steps that estimate the grid (at 8, 16 and 32 images: steps 3, 7 and 15 of 2 images) and the next
+    ones (new lattices)."""
     from cryoformer.train import occupancy_due
 
     cfg = ModelConfig(**{**TINY, "occupancy_cells": 4, "render": "canonical", "jitter": 1.0})
     step_calls, copies = _sync_run(monkeypatch, tmp_path, model_cfg=cfg, occupancy_warmup=8)
     tcfg = TrainConfig(occupancy_warmup=8)
     estimated = [s for s in range(20) if occupancy_due(tcfg, 40, 2 * s, 2 * s + 2)]
-    assert estimated == [3]
-    _assert_syncs_only_every(step_calls, 4, 20, also={0, 3, 4})
-    assert {i for i, c in enumerate(copies) if c} <= {0, 3, 4}, [len(c) for c in copies]
+    assert estimated == [3, 7, 15]
+    allowed = {0} | set(estimated) | {s + 1 for s in estimated}
+    _assert_syncs_only_every(step_calls, 4, 20, also=allowed)
+    assert {i for i, c in enumerate(copies) if c} <= allowed, [len(c) for c in copies]
 
 
 @pytest.fixture
@@ -642,7 +644,7 @@ def test_training_recomputes_the_budget_only_when_the_occupancy_grid_changes(mon
     tcfg = TrainConfig(epochs=1, batch_size=2, log_interval_s=1e9, prefetch=0, occupancy_warmup=8,
                        occupancy_refresh=12)
     train(_data(40), cfg, tcfg, tmp_path, log=lambda m: None)
-    assert len(calls) == 1 + 3  # at the start, and at 8, 20 and 32 images
+    assert len(calls) == 1 + 4  # at the start, and at 8, 16 (the gap doubles), 28 and 40 images
 
 
 # ------------------------------------------------------------------- the latent in fp32

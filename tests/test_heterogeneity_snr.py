@@ -31,7 +31,7 @@ def test_three_states_separate_at_snr_0_1(tmp_path):
     data = ParticleData(ArraySource(sim.images), sim.pixel_size_A, sim.ctf, sim.rot, sim.shift_px)
     job = JobConfig(epochs=EPOCHS, zdim=4, train_box=TRAIN_BOX)
     mcfg = model_config_for(data, job, estimate_data_scale(data, TRAIN_BOX))
-    model, _ = train(data, mcfg, train_config_for(job).model_copy(update={"log_interval_s": 1e9}), tmp_path,
+    model, _ = train(data, mcfg, train_config_for(job, len(data)).model_copy(update={"log_interval_s": 1e9}), tmp_path,
                      log=lambda m: None)
     rec = Reconstruction(model)
     z = rec.encode(data)

@@ -181,11 +181,27 @@ def test_coarse_stage_renders_the_same_field_at_half_the_box():
 
 
 def test_occupancy_schedule_is_a_function_of_the_image_count():
+    """Estimates after the warm-up, then at gaps that double from it until they reach the refresh."""
     cfg = TrainConfig(occupancy_warmup=100, occupancy_refresh=250)
     due = [s for s in range(0, 2000, 10) if occupancy_due(cfg, 1000, s, s + 10)]
-    assert due == [90, 340, 590, 840, 1090, 1340, 1590, 1840]
+    # points 100, 200, 400 (gaps 100, 200), then every 250 images
+    assert due == [90, 190, 390, 640, 890, 1140, 1390, 1640, 1890]
     # a data set smaller than the warm-up: the first estimate at the end of the first epoch
-    assert [s for s in range(0, 400, 10) if occupancy_due(cfg, 50, s, s + 10)] == [40, 290]
+    assert [s for s in range(0, 400, 10) if occupancy_due(cfg, 50, s, s + 10)] == [40, 90, 190, 390]
+    # no warm-up: the grid is estimated every refresh
+    no_warmup = TrainConfig(occupancy_warmup=0, occupancy_refresh=250)
+    assert [s for s in range(0, 800, 10) if occupancy_due(no_warmup, 1000, s, s + 10)] == [240, 490, 740]
+
+
+def test_occupancy_schedule_counts_every_point_once_whatever_the_step():
+    """Batches of any size see the same estimate points: the count of points crossed over a run does not
+    depend on how the images are cut into steps (a resumed or re-batched run estimates as often)."""
+    from cryoformer.train import estimates_by
+
+    cfg = TrainConfig(occupancy_warmup=1000, occupancy_refresh=10000)
+    for batch in (1, 7, 8, 64):
+        crossed = sum(occupancy_due(cfg, 2000, s, min(s + batch, 60000)) for s in range(0, 60000, batch))
+        assert crossed == estimates_by(cfg, 2000, 60000) == 9  # 1k, 2k, 4k, 8k, 16k, 26k, 36k, 46k, 56k
 
 
 @pytest.mark.parametrize("epochs, given, expected", [(20, None, 3), (18, None, 3), (14, None, 2), (12, None, 2),
@@ -197,7 +213,7 @@ def test_coarse_epochs_default_is_a_sixth_of_the_run(epochs, given, expected):
     from cryoformer_ext.job.configs import train_config_for
 
     strings = {"epochs": str(epochs)} | ({} if given is None else {"coarse_epochs": given})
-    assert train_config_for(JobConfig.from_strings(strings)).coarse_epochs == expected
+    assert train_config_for(JobConfig.from_strings(strings), 2000).coarse_epochs == expected
 
 
 def test_union_over_latents_keeps_a_minority_state_and_drops_lone_spikes():

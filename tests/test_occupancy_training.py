@@ -33,7 +33,7 @@ def hinge():
 def _train(data, tmp, occupancy: bool) -> Reconstruction:
     job = JobConfig(epochs=EPOCHS, zdim=4, occupancy=occupancy)
     mcfg = model_config_for(data, job, estimate_data_scale(data, BOX))
-    tcfg = train_config_for(job).model_copy(update={"log_interval_s": 1e9})
+    tcfg = train_config_for(job, len(data)).model_copy(update={"log_interval_s": 1e9})
     model, _ = train(data, mcfg, tcfg, tmp, log=lambda m: None)
     return Reconstruction(model)
 

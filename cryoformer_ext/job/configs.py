@@ -39,10 +39,25 @@ def training_box(config: JobConfig, box: int) -> int:
     return tb
 
 
-def train_config_for(config: JobConfig, device: torch.device | str = "cpu") -> TrainConfig:
-    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_final=config.lr_final,
-                       seed=config.seed, device=str(device), amp=config.amp, occupancy_margin=config.occupancy_margin,
-                       occupancy_refresh=config.occupancy_refresh, coarse_epochs=coarse_epochs_for(config))
+def train_config_for(config: JobConfig, particles: int, device: torch.device | str = "cpu") -> TrainConfig:
+    return TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                       lr_final=lr_final_for(config, particles), seed=config.seed, device=str(device), amp=config.amp,
+                       occupancy_margin=config.occupancy_margin, occupancy_refresh=config.occupancy_refresh,
+                       coarse_epochs=coarse_epochs_for(config))
+
+
+#: the default decay: to this fraction of the start rates, in runs of at least DECAY_MIN_IMAGES images
+DEFAULT_LR_FINAL, DECAY_MIN_IMAGES = 0.1, 10_000
+
+
+def lr_final_for(config: JobConfig, particles: int) -> float:
+    """The learning rates' end value. On the suite (2,000 particles, 6-20 epochs) a cosine decay to a tenth
+    steadied the latent and the maps of the last epochs and did not delay the motion; in a 4-epoch run of 200
+    particles (800 images) it left the consensus map unformed (its solvent mask held 51 % of the true
+    density, against over 80 % at a constant rate), so a run that short keeps its rates."""
+    if config.lr_final is not None:
+        return config.lr_final
+    return DEFAULT_LR_FINAL if particles * config.epochs >= DECAY_MIN_IMAGES else 1.0
 
 
 #: the default coarse stage: a sixth of the epochs, never more than this many
@@ -65,7 +80,7 @@ def model_config_for(data: ParticleData, config: JobConfig, data_scale: float) -
         channels=config.channels, heads=4 if config.channels % 4 == 0 else 1, attention=config.attention,
         enc_layers=config.enc_layers, enc_dim=config.enc_dim, pose_mode=config.poses, data_scale=data_scale,
         hash_scale=config.hash_scale, render=config.render, cross_values=config.cross_values,
-        query_code_cycles=config.query_code,
+        query_code_cycles=config.query_code, deformation_norm=config.deformation_norm,
         encoder_box=None if config.encoder_box is None else min(config.encoder_box, tb),
         occupancy_cells=occupancy_cells_for(tb, data.pixel_size_A * data.box / tb, config) if config.occupancy else 0)
 

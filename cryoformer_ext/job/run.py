@@ -207,7 +207,7 @@ def _run_job(data: ParticleData, config: JobConfig, out_dir: str | os.PathLike, 
     if main:
         atomic_write_text(out_dir / CONFIG_FILE, config.model_dump_json(indent=2))
         write_input_scale(out_dir, InputScale(box=data.box, pixel_size_A=data.pixel_size_A))
-    train_cfg = train_config_for(config, device)
+    train_cfg = train_config_for(config, len(data), device)
     try:
         model, history = train(data, model_cfg, train_cfg, out_dir / CHECKPOINT_DIR, log=log,
                                should_abort=should_abort)
