@@ -6,6 +6,7 @@
 Kinds: (a) a 10-state hinge whose domain is 15 % of the mass; (b) 6 assembly states (subunits present or
 absent); (c) a continuous motion (t uniform); (d) two independent motions (a 2-D manifold); (e) adenylate
 kinase closing, atoms to density, projected by ``relion_project --ctf`` (see :mod:`bench.suite.atomic`).
+(h) a held-out hinge of another molecule: judging data, never used to choose a setting.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ BLOB_PIXEL_A_AT_64 = 4.0     # the project's simulator's 256 Å box
 
 
 def build_blob_dataset(letter: str, out: Path, n: int, box: int, snr: float, seed: int) -> SuiteTruth:
-    from bench.suite.kinds import BLOB_KINDS
+    from bench.suite.kinds import ALL_BLOB_KINDS
     from cryoformer.simulate import simulate_blob_model
 
-    kind = BLOB_KINDS[letter]
+    kind = ALL_BLOB_KINDS[letter]
     coords, states = kind.sample(n, np.random.default_rng(seed + 1))
     pixel = BLOB_PIXEL_A_AT_64 * 64 / box
     sim = simulate_blob_model(kind.model(box), coords, box, pixel_size_A=pixel, snr=snr, seed=seed)
@@ -107,13 +108,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--snr", type=float, nargs="+", default=[0.1, 0.05])
-    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e")
+    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e, or h: the held-out "
+                   "hinge, kept for judging only")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in "abcde" or len(k) != 1]
+    bad = [k for k in kinds if k not in "abcdeh" or len(k) != 1]
     if bad:
-        p.error(f"unknown kind(s) {bad}: choose among a, b, c, d, e")
+        p.error(f"unknown kind(s) {bad}: choose among a, b, c, d, e, h")
     build_suite(a.out, kinds, a.snr, a.n, a.box, a.seed)
 
 

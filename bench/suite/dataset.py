@@ -96,8 +96,8 @@ class LoadedTruth:
 
     def particle_map(self, i: int) -> np.ndarray:
         """The true map of particle ``i``: exact for blob kinds, its state's map for discrete kinds."""
-        if self.record.discrete or self.record.kind not in "abcd":
-            return self.state_maps[self.states[i]]
-        from bench.suite.kinds import BLOB_KINDS
+        from bench.suite.kinds import ALL_BLOB_KINDS
 
-        return BLOB_KINDS[self.record.kind].volume(self.coords[i], self.record.box)
+        if self.record.discrete or self.record.kind not in ALL_BLOB_KINDS:
+            return self.state_maps[self.states[i]]
+        return ALL_BLOB_KINDS[self.record.kind].volume(self.coords[i], self.record.box)

@@ -160,3 +160,19 @@ TWO_MOTIONS = BlobKind(
     levels=0, bins=3, n_coords=2, coord_names=("t1", "t2"))
 
 BLOB_KINDS: dict[str, BlobKind] = {"a": HINGE, "b": ASSEMBLY, "c": CONTINUOUS, "d": TWO_MOTIONS}
+
+# Judging data only: no job default or setting was chosen on it. An elongated 12-blob body (unlike the
+# compact body above) and a 3-blob domain that tips about x by less than the suite's hinges swing.
+HELD_OUT_HINGE = BlobKind(
+    name="heldout_hinge", description="held-out 10-state hinge: an elongated 12-blob body; a 3-blob domain "
+    "(13 % of the mass) tips 55 degrees about x",
+    body=_A([[0.00, -0.21, 0.00], [0.04, -0.15, 0.05], [-0.04, -0.13, -0.04], [0.02, -0.08, -0.06],
+             [-0.03, -0.05, 0.05], [0.05, -0.01, 0.01], [-0.05, 0.02, -0.02], [0.01, 0.05, 0.06],
+             [0.04, 0.09, -0.04], [-0.03, 0.12, 0.02], [0.02, 0.17, 0.03], [-0.01, 0.21, -0.03]]),
+    body_amps=_A([0.7, 0.9, 0.8, 1.0, 0.9, 0.8, 1.0, 0.9, 0.8, 0.9, 0.7, 0.6]),
+    arms=(Arm(_A([[0.00, 0.04, 0.12], [0.03, 0.06, 0.18], [-0.02, 0.03, 0.23]]), _A([0.55, 0.5, 0.45]),
+              _A([0.0, 0.02, 0.07]), "x", 55.0),),
+    levels=10)
+
+HELD_OUT_KINDS: dict[str, BlobKind] = {"h": HELD_OUT_HINGE}
+ALL_BLOB_KINDS: dict[str, BlobKind] = {**BLOB_KINDS, **HELD_OUT_KINDS}
