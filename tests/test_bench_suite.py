@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.suite.atomic import atomic_volume, kabsch, read_dcd, read_psf_atoms
-from bench.suite.kinds import ASSEMBLY, BLOB_KINDS, CONTINUOUS, HINGE, TWO_MOTIONS, SIGMA_FRAC
+from bench.suite.kinds import ALL_BLOB_KINDS, ASSEMBLY, CONTINUOUS, HINGE, TWO_MOTIONS, SIGMA_FRAC
 from cryoformer.simulate import (analytic_projection, blob_model, blob_projection, blob_volume,
                                  random_acquisition, true_volume)
 
@@ -55,9 +55,9 @@ def _near_moving_blobs(kind, box: int, radius_sigmas: float = 3.5) -> np.ndarray
     return near
 
 
-@pytest.mark.parametrize("letter", ["a", "b", "c", "d"])
+@pytest.mark.parametrize("letter", ["a", "b", "c", "d", "h", "i"])
 def test_states_differ_only_where_the_generator_says_something_moves(letter):
-    kind = BLOB_KINDS[letter]
+    kind = ALL_BLOB_KINDS[letter]
     vols = np.stack([kind.volume(s, BOX) for s in kind.state_coords()])
     spread = vols.std(0)
     near = _near_moving_blobs(kind, BOX)
@@ -99,7 +99,7 @@ def test_continuous_kind_samples_uniform_coordinates_and_bins_them():
     assert np.all(np.abs(coords[:, 0] - CONTINUOUS.state_coords()[states, 0]) <= 0.5 / CONTINUOUS.bins + 1e-12)
 
 
-@pytest.mark.parametrize("letter", ["a", "b"])
+@pytest.mark.parametrize("letter", ["a", "b", "h"])
 def test_built_images_show_their_labelled_state(letter):
     """Noise-free built particles match the projection of their own state's true map (an independent
     trilinear projector), better than any other state's."""

@@ -1,5 +1,5 @@
-"""The position code in the point attention's query: what it changes at the start of training, and that
-models made before it load unchanged."""
+"""The position code in the point attention's query: what it changes at the start of training, and how it
+behaves under autocast (older checkpoints: ``test_checkpoint_compat.py``)."""
 
 from __future__ import annotations
 
@@ -28,17 +28,6 @@ def test_without_the_code_every_point_attends_alike_at_the_start():
     plain, coded = _attention_at_init(0.0), _attention_at_init(2.0)
     assert (plain - plain[1]).abs().max() < 1e-3
     assert (coded[0] - coded[2]).abs().max() > 0.05
-
-
-def test_checkpoints_from_before_the_code_load_as_they_were():
-    """A saved model configuration without the field rebuilds the model without the code, whose weights
-    then load strictly."""
-    old = CryoFormer(ModelConfig(**SMALL, query_code_cycles=0.0))
-    saved = ModelConfig(**SMALL, query_code_cycles=0.0).model_dump()
-    del saved["query_code_cycles"]
-    cfg = ModelConfig.from_checkpoint(saved)
-    assert cfg.query_code_cycles == 0.0 and ModelConfig(**SMALL).query_code_cycles == 2.0
-    CryoFormer(cfg).load_state_dict(old.state_dict(), strict=True)
 
 
 def test_code_phases_stay_fp32_under_autocast():

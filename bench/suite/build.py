@@ -6,7 +6,8 @@
 Kinds: (a) a 10-state hinge whose domain is 15 % of the mass; (b) 6 assembly states (subunits present or
 absent); (c) a continuous motion (t uniform); (d) two independent motions (a 2-D manifold); (e) adenylate
 kinase closing, atoms to density, projected by ``relion_project --ctf`` (see :mod:`bench.suite.atomic`).
-(h) a held-out hinge of another molecule: judging data, never used to choose a setting.
+(h) a held-out hinge and (i) a held-out continuous motion of other molecules: judging data, never used to
+choose a setting.
 """
 
 from __future__ import annotations
@@ -108,14 +109,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--snr", type=float, nargs="+", default=[0.1, 0.05])
-    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e, or h: the held-out "
-                   "hinge, kept for judging only")
+    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e, or h, i: the "
+                   "held-out hinge and continuous motion, kept for judging only")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in "abcdeh" or len(k) != 1]
+    bad = [k for k in kinds if k not in "abcdehi" or len(k) != 1]
     if bad:
-        p.error(f"unknown kind(s) {bad}: choose among a, b, c, d, e, h")
+        p.error(f"unknown kind(s) {bad}: choose among a, b, c, d, e, h, i")
     build_suite(a.out, kinds, a.snr, a.n, a.box, a.seed)
 
 

@@ -161,8 +161,9 @@ TWO_MOTIONS = BlobKind(
 
 BLOB_KINDS: dict[str, BlobKind] = {"a": HINGE, "b": ASSEMBLY, "c": CONTINUOUS, "d": TWO_MOTIONS}
 
-# Judging data only: no job default or setting was chosen on it. An elongated 12-blob body (unlike the
-# compact body above) and a 3-blob domain that tips about x by less than the suite's hinges swing.
+# Judging data only: no job default or setting was chosen on them. The hinge: an elongated 12-blob body
+# (unlike the compact bodies above) and a 3-blob domain that tips about x by less than the suite's hinges
+# swing. The continuous motion: a flat body and a 2-blob domain turning about y through a smaller angle.
 HELD_OUT_HINGE = BlobKind(
     name="heldout_hinge", description="held-out 10-state hinge: an elongated 12-blob body; a 3-blob domain "
     "(13 % of the mass) tips 55 degrees about x",
@@ -174,5 +175,15 @@ HELD_OUT_HINGE = BlobKind(
               _A([0.0, 0.02, 0.07]), "x", 55.0),),
     levels=10)
 
-HELD_OUT_KINDS: dict[str, BlobKind] = {"h": HELD_OUT_HINGE}
+HELD_OUT_CONTINUOUS = BlobKind(
+    name="heldout_continuous", description="held-out continuous motion: a flat 10-blob body; a 2-blob domain "
+    "(16 % of the mass) turns 60 degrees about y, t uniform",
+    body=_A([[-0.15, 0.00, 0.01], [-0.10, 0.09, -0.02], [-0.10, -0.09, 0.02], [-0.02, 0.14, 0.00],
+             [-0.02, -0.14, -0.01], [0.05, 0.08, 0.02], [0.05, -0.08, -0.02], [-0.05, 0.00, 0.03],
+             [0.02, 0.00, -0.03], [-0.19, 0.06, -0.02]]),
+    body_amps=_A([0.9, 0.8, 0.8, 0.7, 0.7, 0.8, 0.8, 1.0, 0.9, 0.6]),
+    arms=(Arm(_A([[0.13, 0.02, 0.03], [0.20, -0.02, 0.06]]), _A([0.8, 0.7]), _A([0.07, 0.0, 0.0]), "y", 60.0),),
+    levels=0, bins=10)
+
+HELD_OUT_KINDS: dict[str, BlobKind] = {"h": HELD_OUT_HINGE, "i": HELD_OUT_CONTINUOUS}
 ALL_BLOB_KINDS: dict[str, BlobKind] = {**BLOB_KINDS, **HELD_OUT_KINDS}

@@ -24,15 +24,23 @@ def merge_runs(path: Path, run: dict, command: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        res = json.loads(path.read_text()) if path.exists() else {"runs": [], "commands": []}
-        same = lambda r: (r["dataset"], r["train_box"], r["method"])  # noqa: E731
-        res["runs"] = [r for r in res["runs"] if same(r) != same(run)] + [run]
-        if command not in res["commands"]:
-            res["commands"].append(command)
-        res["headline"] = headline(res["runs"])
+        res = json.loads(path.read_text()) if path.exists() else empty_results()
+        res = with_run(res, run, command)
         atomic_write_text(path, json.dumps(res, indent=2) + "\n")
     path.with_name(path.name + ".lock").unlink(missing_ok=True)
     return res
+
+
+def empty_results() -> dict:
+    return {"runs": [], "commands": []}
+
+
+def with_run(res: dict, run: dict, command: str) -> dict:
+    """``res`` with ``run`` in place of any run of the same dataset, box and method, and its headline."""
+    same = lambda r: (r["dataset"], r["train_box"], r["method"])  # noqa: E731
+    commands = res["commands"] + ([command] if command not in res["commands"] else [])
+    runs = [r for r in res["runs"] if same(r) != same(run)] + [run]
+    return {**res, "runs": runs, "commands": commands, "headline": headline(runs)}
 
 
 def time_to(epochs: list[dict], key: str, target: float) -> float | None:
@@ -144,11 +152,14 @@ def combine(out: Path, sources: list[Path]) -> Path:
     """One suite file from the runs of several (later files replace a run of the same dataset, box and
     method), with its report: e.g. cryoDRGN's runs of one comparison beside cryoFormer's runs of a newer
     default made with ``--methods cryoformer``. Each source's commands are kept."""
-    out.unlink(missing_ok=True)
+    from cryoformer_ext.formats.atomic import atomic_write_text
+
+    res = empty_results()
     for src in sources:
-        res = json.loads(src.read_text())
-        for run in res["runs"]:
-            merge_runs(out, run, "; ".join(res["commands"]))
+        part = json.loads(src.read_text())
+        for run in part["runs"]:
+            res = with_run(res, run, "; ".join(part["commands"]))
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     return write_suite_report(out)
 
 
