@@ -159,6 +159,7 @@ def combine(out: Path, sources: list[Path]) -> Path:
         part = json.loads(src.read_text())
         for run in part["runs"]:
             res = with_run(res, run, "; ".join(part["commands"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     return write_suite_report(out)
 
