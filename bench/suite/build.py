@@ -113,10 +113,13 @@ def main() -> None:
                    "held-out hinge and continuous motion, kept for judging only")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    from bench.suite.kinds import ALL_BLOB_KINDS
+
+    known = sorted([*ALL_BLOB_KINDS, "e"])         # the blob kinds' registry, and the atomic kind
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in "abcdehi" or len(k) != 1]
+    bad = [k for k in kinds if k not in known]
     if bad:
-        p.error(f"unknown kind(s) {bad}: choose among a, b, c, d, e, h, i")
+        p.error(f"unknown kind(s) {bad}: choose among {', '.join(known)}")
     build_suite(a.out, kinds, a.snr, a.n, a.box, a.seed)
 
 
