@@ -63,7 +63,7 @@ class DeformationBlock(nn.Module):
     move with z's length too: on that set PC1 held 96-98 % of the variance, z's s.d. went from 6 to 9, and
     |Spearman| rose to 0.97, as on a continuous motion (``bench/results/settings_deformation_norm.md``)."""
 
-    def __init__(self, dim: int, heads: int, values: Literal["queries", "deformation"], norm_fd: bool = True):
+    def __init__(self, dim: int, heads: int, values: Literal["queries", "deformation"], *, norm_fd: bool):
         super().__init__()
         self.values = values
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -85,10 +85,10 @@ class DeformationBlock(nn.Module):
 
 class StructureDecoder(nn.Module):
     def __init__(self, tokens: int, dim: int, blocks: int = 3, heads: int = 4,
-                 values: Literal["queries", "deformation"] = "queries", norm_fd: bool = True):
+                 values: Literal["queries", "deformation"] = "queries", *, norm_fd: bool):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(tokens, dim) * 0.5)
-        self.blocks = nn.ModuleList(DeformationBlock(dim, heads, values, norm_fd) for _ in range(blocks))
+        self.blocks = nn.ModuleList(DeformationBlock(dim, heads, values, norm_fd=norm_fd) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, f_d: torch.Tensor | None, batch: int) -> torch.Tensor:

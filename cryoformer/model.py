@@ -135,7 +135,7 @@ class CryoFormer(nn.Module):
         self.head = SpatialDensityHead(self.grid.n_output_dims, cfg.tokens, cfg.channels, cfg.attention,
                                        cfg.spatial_hidden, cfg.query_code_cycles)
         self.decoder = StructureDecoder(cfg.tokens, cfg.channels, cfg.blocks, cfg.heads, cfg.cross_values,
-                                        cfg.deformation_norm)
+                                        norm_fd=cfg.deformation_norm)
         if cfg.zdim > 0:
             self.def_encoder = DeformationEncoder(self.encoder_box, cfg.zdim, cfg.enc_dim, cfg.enc_layers,
                                                   cfg.pose_aware_encoder)
