@@ -55,7 +55,7 @@ def _near_moving_blobs(kind, box: int, radius_sigmas: float = 3.5) -> np.ndarray
     return near
 
 
-@pytest.mark.parametrize("letter", ["a", "b", "c", "d", "h", "i"])
+@pytest.mark.parametrize("letter", ["a", "b", "c", "d", "h", "i", "j"])
 def test_states_differ_only_where_the_generator_says_something_moves(letter):
     kind = ALL_BLOB_KINDS[letter]
     vols = np.stack([kind.volume(s, BOX) for s in kind.state_coords()])
@@ -99,7 +99,7 @@ def test_continuous_kind_samples_uniform_coordinates_and_bins_them():
     assert np.all(np.abs(coords[:, 0] - CONTINUOUS.state_coords()[states, 0]) <= 0.5 / CONTINUOUS.bins + 1e-12)
 
 
-@pytest.mark.parametrize("letter", ["a", "b", "h"])
+@pytest.mark.parametrize("letter", ["a", "b", "h", "j"])
 def test_built_images_show_their_labelled_state(letter):
     """Noise-free built particles match the projection of their own state's true map (an independent
     trilinear projector), better than any other state's."""

@@ -185,5 +185,19 @@ HELD_OUT_CONTINUOUS = BlobKind(
     arms=(Arm(_A([[0.13, 0.02, 0.03], [0.20, -0.02, 0.06]]), _A([0.8, 0.7]), _A([0.07, 0.0, 0.0]), "y", 60.0),),
     levels=0, bins=10)
 
-HELD_OUT_KINDS: dict[str, BlobKind] = {"h": HELD_OUT_HINGE, "i": HELD_OUT_CONTINUOUS}
+# The assembly: a ring-like core with three subunits whose states are not nested (each alone, a pair, all
+# three), so neither the order of binding nor the mass alone tells the states apart.
+HELD_OUT_ASSEMBLY = BlobKind(
+    name="heldout_assembly", description="held-out 5 assembly states: a ring of 7 core blobs; three subunits "
+    "(11-15 % of the mass each) bound alone, as a pair, or all together",
+    body=_A([[0.09, 0.00, 0.00], [0.05, 0.08, 0.01], [-0.04, 0.08, -0.01], [-0.09, 0.00, 0.02],
+             [-0.05, -0.08, 0.00], [0.04, -0.08, -0.02], [0.00, 0.00, 0.05]]),
+    body_amps=_A([1.0, 0.9, 0.9, 1.0, 0.9, 0.9, 0.8]),
+    subunits=((_A([[0.17, 0.04, 0.05], [0.22, -0.01, 0.09]]), _A([0.6, 0.5])),
+              (_A([[-0.10, 0.14, 0.07]]), _A([0.8])),
+              (_A([[-0.02, -0.12, -0.12], [0.03, -0.15, -0.18]]), _A([0.55, 0.55]))),
+    assembly=((0,), (1,), (2,), (0, 2), (0, 1, 2)),
+    ordered=False, coord_names=("state",))
+
+HELD_OUT_KINDS: dict[str, BlobKind] = {"h": HELD_OUT_HINGE, "i": HELD_OUT_CONTINUOUS, "j": HELD_OUT_ASSEMBLY}
 ALL_BLOB_KINDS: dict[str, BlobKind] = {**BLOB_KINDS, **HELD_OUT_KINDS}
