@@ -6,8 +6,8 @@
 Kinds: (a) a 10-state hinge whose domain is 15 % of the mass; (b) 6 assembly states (subunits present or
 absent); (c) a continuous motion (t uniform); (d) two independent motions (a 2-D manifold); (e) adenylate
 kinase closing, atoms to density, projected by ``relion_project --ctf`` (see :mod:`bench.suite.atomic`).
-(h) a held-out hinge and (i) a held-out continuous motion of other molecules: judging data, never used to
-choose a setting.
+(h) a held-out hinge, (i) a held-out continuous motion and (j) held-out assembly states of other molecules:
+judging data, never used to choose a setting.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--snr", type=float, nargs="+", default=[0.1, 0.05])
-    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e, or h, i: the "
-                   "held-out hinge and continuous motion, kept for judging only")
+    p.add_argument("--kinds", default="a,b,c,d,e", help="comma-separated letters among a-e, or h, i, j: the "
+                   "held-out hinge, continuous motion and assembly, kept for judging only")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     from bench.suite.kinds import ALL_BLOB_KINDS

@@ -18,7 +18,8 @@ SCORES = [("spearman", "latent |Spearman|"), ("knn_accuracy", "kNN state accurac
 
 def merge_runs(path: Path, run: dict, command: str) -> dict:
     """Add ``run`` to the results at ``path`` (replacing the same dataset, box and method), atomically
-    and under a lock so that runs of single methods can share one file."""
+    and under a lock so that runs of single methods can share one file. The lock file stays: removing it
+    while a third writer waits would let that writer lock a file that a fourth no longer sees."""
     from cryoformer_ext.formats.atomic import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +28,6 @@ def merge_runs(path: Path, run: dict, command: str) -> dict:
         res = json.loads(path.read_text()) if path.exists() else empty_results()
         res = with_run(res, run, command)
         atomic_write_text(path, json.dumps(res, indent=2) + "\n")
-    path.with_name(path.name + ".lock").unlink(missing_ok=True)
     return res
 
 
@@ -136,10 +136,14 @@ def plot_pair(runs: list[dict], out: Path, title: str) -> None:
             pts = [(e["cum_train_s"] / 60, e[key]) for e in r["epochs"] if e.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, label=r["method"])
+        if not ax.lines:   # a score this kind has none of (an assembly has no order, hence no Spearman)
+            ax.text(0.5, 0.5, "not defined for this kind", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("training wall time (min)")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    with_lines = [ax for ax in axes if ax.lines]
+    if with_lines:
+        with_lines[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = out.with_name(out.stem + ".tmp.png")
