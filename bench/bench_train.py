@@ -82,11 +82,13 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
             _set_initial_occupancy(Path(tmp), mcfg, tcfg, extra)
         train(data, mcfg, tcfg, Path(tmp), log=lambda m: None, step_hook=hook)
         wall = time.perf_counter() - t0
-    timed = steps[1:] if len(steps) > 1 else steps  # the first step includes warm-up
+    # the first step includes warm-up; the last one the occupancy estimate that ends every job's first
+    # epoch (later ones come every 10,000 images): neither is the steady state
+    timed = steps[1:-1] if len(steps) > 2 else steps
     per_img = sum(timed) / (len(timed) * batch)
     # CPU seconds of this process (all its threads): on a machine shared with other jobs the wall time
     # includes waiting for a core, the CPU time much less so
-    cpu_timed = cpu_steps[1:] if len(cpu_steps) > 1 else cpu_steps
+    cpu_timed = cpu_steps[1:-1] if len(cpu_steps) > 2 else cpu_steps
     cpu_per_img = sum(cpu_timed) / (len(cpu_timed) * batch)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -97,10 +99,21 @@ def measure(box: int, n_images: int, batch: int, threads: int | None, job_overri
         "wall_s_including_setup": wall, "peak_rss_GB": rss_kb / 1024 ** 2,
         "sphere_points_per_image": int(0.5236 * box ** 3),
         "peak_gpu_mem_GB": torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else None,
-        "job_overrides": extra_job,
+        "job_overrides": extra_job, **_cpu_paths(device, tcfg),
         "model": {k: v for k, v in mcfg.model_dump().items() if k not in ("data_scale",)}, **extra,
         "code_path": str(Path(list(sys.modules["cryoformer"].__path__)[0]).resolve().parent),
     }
+
+
+def _cpu_paths(device, tcfg) -> dict:
+    """What the measured code ran on a CPU: the point head's product dtype and the C kernels (code
+    without them: nothing)."""
+    try:
+        from cryoformer.device import head_product_dtype
+        from cryoformer.native.build import note
+    except ImportError:
+        return {}
+    return {"head_products": str(head_product_dtype(device, tcfg.amp)).replace("torch.", ""), "kernels": note()}
 
 
 def _set_initial_occupancy(ckpt_dir: Path, mcfg, tcfg, extra: dict) -> None:

@@ -22,6 +22,7 @@ Writes ``bench/results/profile_step.json`` (and ``.md``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -73,7 +74,8 @@ def annotate(model) -> None:
 
 # ops outside every module scope (and autograd nodes without a matched forward op), named by what they do
 OP_STAGES = [("hashgridfunction", "hashgrid"), ("index_add", "scatter"), ("index_copy", "scatter"),
-             ("index_put", "scatter"), ("grid_sampler", "project"), ("fft", "shift_ctf_fft")]
+             ("index_put", "scatter"), ("grid_sampler", "project"), ("packedprojection", "project"),
+             ("fft", "shift_ctf_fft")]
 
 
 def _scope_of(ev) -> str | None:
@@ -174,15 +176,25 @@ def profile_child(box: int, batch: int, threads: int | None) -> dict:
     mcfg = model_config_for(data, JobConfig(train_box=box, batch_size=batch), estimate_data_scale(data, box))
     model = CryoFormer(mcfg).train()
     extra = prepare_model(model)
+    if hasattr(model.head, "product_dtype"):  # as training sets it (bf16 products on CPUs that multiply bf16)
+        from cryoformer.device import head_product_dtype
+
+        model.head.product_dtype = head_product_dtype(torch.device("cpu"), TrainConfig().amp)
     opt = make_optimizer(model, TrainConfig())
     reader = BatchReader(data, box)
     annotate(model)
+
+    # training passes its step number (the canonical renderer's sub-voxel offset: a jittered grid, so the
+    # hash grid is evaluated afresh each step); without it the unjittered path with the kept corner plan
+    # would be profiled, which training never runs. Older code has no such parameter.
+    takes_step = "step" in inspect.signature(model.forward).parameters
 
     def step(idx, timers: dict | None = None):
         t0 = time.perf_counter()
         b = reader(idx)
         t1 = time.perf_counter()
-        out = model(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"))
+        extra = {"step": int(idx[0]) // batch + 1} if takes_step else {}
+        out = model(b["images"], b.get("ctf"), b.get("rot"), b.get("shift"), **extra)
         out["mse"].backward()
         t2 = time.perf_counter()
         opt.step()

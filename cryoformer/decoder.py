@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .point_density import native_point_density, native_pays, point_density
 from .point_density import pays as point_density_pays
-from .point_density import point_density
 
 
 class Attention(nn.Module):
@@ -152,6 +152,42 @@ class PositionCode(nn.Module):
         return self.proj(code)
 
 
+class _ScaledNorm(torch.autograd.Function):
+    """``LayerNorm(q + c) * t`` for (P, C) fp32 CPU tensors in one C pass each way
+    (``native/layer_norm.c``); the same function as the torch form in :meth:`SpatialDensityHead.spatial_query`."""
+
+    @staticmethod
+    def forward(ctx, q, c, gamma, beta, t, eps):
+        from .native.build import kernels
+
+        q, c = q.contiguous(), c.contiguous()
+        p, ch = q.shape
+        y, mean, rstd = torch.empty(p, ch), torch.empty(p), torch.empty(p)
+        kernels().scaled_norm_fwd(q.data_ptr(), c.data_ptr(), p, ch, gamma.data_ptr(), beta.data_ptr(), float(t),
+                                  eps, y.data_ptr(), mean.data_ptr(), rstd.data_ptr())
+        ctx.save_for_backward(q, c, mean, rstd, gamma, beta, t)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .native.build import kernels
+
+        q, c, mean, rstd, gamma, beta, t = ctx.saved_tensors
+        p, ch = q.shape
+        dx, dgamma, dbeta, dt = torch.empty(p, ch), torch.zeros(ch), torch.zeros(ch), torch.zeros(1)
+        kernels().scaled_norm_bwd(q.data_ptr(), c.data_ptr(), mean.data_ptr(), rstd.data_ptr(), p, ch,
+                                  gamma.data_ptr(), beta.data_ptr(), float(t), dy.contiguous().data_ptr(),
+                                  dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), dt.data_ptr())
+        return dx, dx, dgamma, dbeta, dt.reshape(t.shape), None
+
+
+def _scaled_norm_runs(q: torch.Tensor, c: torch.Tensor, norm: nn.LayerNorm) -> bool:
+    from .native.build import library
+
+    return (q.device.type == "cpu" and q.dim() == 2 and q.shape == c.shape and q.dtype == c.dtype == torch.float32
+            and norm.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and library() is not None)
+
+
 class SpatialDensityHead(nn.Module):
     """Hash-grid features of points + per-image tokens T -> density at those points."""
 
@@ -162,6 +198,9 @@ class SpatialDensityHead(nn.Module):
         self.tokens, self.dim = tokens, dim
         # point form through scaled_dot_product_attention (False: the explicit product, as a reference)
         self.fused = True
+        # dtype of the point attention's products while training, on a CPU (cryoformer.device); maps and
+        # analysis (eval mode) always multiply in fp32
+        self.product_dtype = torch.float32
         out = dim if mode == "point" else tokens * dim
         # the paper's "tiny MLP with one layer and hidden dimension 16" after the hash grid
         self.spatial = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
@@ -196,13 +235,18 @@ class SpatialDensityHead(nn.Module):
         for every image of a batch (the canonical voxel grid), it is computed once per step."""
         if self.mode == "point":
             q = self.spatial(feats)                                       # (..., P, C)
+            scale = self.log_temp.exp() / math.sqrt(self.dim)
             if self.query_code is None:
                 qa = q
             elif pos is None:  # without it the query would silently be another function than training's
                 raise ValueError("this head adds a position code to its query: pass the points' positions")
             else:
-                qa = q + self.query_code(pos).to(q.dtype)
-            return self.q_norm(qa) * (self.log_temp.exp() / math.sqrt(self.dim)), self.ffn[0](q)
+                code = self.query_code(pos).to(q.dtype)
+                if _scaled_norm_runs(q, code, self.q_norm):                    # add, norm and scale in one pass
+                    qn = _ScaledNorm.apply(q, code, self.q_norm.weight, self.q_norm.bias, scale, self.q_norm.eps)
+                    return qn, self.ffn[0](q)
+                qa = q + code
+            return self.q_norm(qa) * scale, self.ffn[0](q)
         return (self.spatial(feats).unflatten(-1, (self.tokens, self.dim)),)  # F_S(x): N x C per point
 
     def attend(self, query: tuple[torch.Tensor, ...], kv: tuple[torch.Tensor, torch.Tensor],
@@ -215,8 +259,12 @@ class SpatialDensityHead(nn.Module):
             if self.mode == "point":
                 qn, u = query                                                 # u = W1 q + b1
                 autocast = torch.is_autocast_enabled(qn.device.type)
+                w2, b2 = self.ffn[2].weight, self.ffn[2].bias
+                if self.fused and not return_attention and not autocast and native_pays(qn, keys):
+                    dtype = self.product_dtype if self.training else torch.float32
+                    return native_point_density(qn, u, keys, values, w2, b2, dtype)
                 if self.fused and not return_attention and not autocast and point_density_pays(qn, keys):
-                    return point_density(qn, u, keys, values, self.ffn[2].weight, self.ffn[2].bias)
+                    return point_density(qn, u, keys, values, w2, b2)
                 # under autocast (bf16 on a GPU) the explicit form, whose bf16-vs-fp32 maps gpu_check's
                 # dry run validated; the fused kernel there gave maps further from fp32 (0.78 vs 0.86)
                 if return_attention or not self.fused or autocast:

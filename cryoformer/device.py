@@ -1,4 +1,4 @@
-"""What training does differently on a CUDA device: precision, the current device, the RNG state.
+"""What training does differently on each device: precision, the current device, the RNG state.
 
 Kept apart from the training loop so that each rule can be tested on a CPU machine with
 ``torch.cuda`` functions monkeypatched, and so the GPU check (``bench/gpu_check.py``) uses the same
@@ -6,6 +6,8 @@ functions the trainer does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -38,11 +40,41 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo:
+    there a bf16 matrix product runs 2-3x as fast as fp32 (one core, the point head's 64-wide products:
+    about 190 against 70-90 GFLOP/s); elsewhere torch emulates bf16 and it is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def head_product_dtype(device: torch.device, amp: bool) -> torch.dtype:
+    """The dtype of the point head's matrix products in training on ``device``.
+
+    On a CPU that multiplies bf16 natively the head (the largest part of a step) multiplies in bf16, with
+    its softmax, ReLU and every sum in fp32 (``cryoformer.point_density``): the same split as GPU autocast,
+    and learning per epoch on the suite as in fp32 (``docs/performance.md``). Elsewhere fp32; on a GPU
+    autocast decides."""
+    if amp and device.type == "cpu" and cpu_multiplies_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def precision_note(device: torch.device, amp: bool) -> str:
     """One phrase for the training log: what runs, and why not bf16 when it was asked for."""
     dtype = autocast_dtype(device, amp)
     if dtype is not None:
         return "bf16 autocast"
+    if head_product_dtype(device, amp) == torch.bfloat16:
+        return "fp32, the point head's products in bf16 (CPU with bf16 instructions)"
     if amp and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"fp32 (compute capability {major}.{minor} < 8.0: no bf16 tensor cores)"

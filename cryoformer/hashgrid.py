@@ -165,11 +165,68 @@ def _gather_rows(tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tab.index_select(0, idx)
 
 
+def _native_levels(x: torch.Tensor, params: torch.Tensor, levels: list[dict]):
+    """The C kernels and the level table as arrays, where they can run this call: fp32 CPU tensors, all
+    levels in order, and the kernels built on this machine (``cryoformer.native.build``); else None."""
+    if x.device.type != "cpu" or params.dtype != torch.float32 or \
+            [lv["level"] for lv in levels] != list(range(len(levels))):
+        return None
+    from .native.build import kernels
+
+    lib = kernels()
+    if lib is None:
+        return None
+    arrays = (torch.tensor([lv["scale"] for lv in levels], dtype=torch.float64),
+              *(torch.tensor([int(lv[k]) for lv in levels], dtype=torch.int64)
+                for k in ("res", "size", "offset", "hashed")))
+    return lib, arrays
+
+
+def _native_call(fn, x64: torch.Tensor, arrays, fma: bool, data: torch.Tensor, F: int, out: torch.Tensor,
+                 corners: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    scale, res, size, offset, hashed = arrays
+    rows, weights = (None, None) if corners is None else (corners[0].data_ptr(), corners[1].data_ptr())
+    fn(x64.data_ptr(), x64.shape[0], scale.data_ptr(), res.data_ptr(), size.data_ptr(), offset.data_ptr(),
+       hashed.data_ptr(), len(scale), int(fma), data.data_ptr(), F, out.data_ptr(), rows, weights)
+
+
+def _native_forward(ctx, x, params, levels, n_features, fma, native):
+    """The forward in one C loop (``native/hash_grid.c``): the torch form's arithmetic, one pass. The
+    corners' rows and weights are kept for the backward while they fit ``_CACHE_BYTES`` (8 bytes per
+    corner: 2.8 MB at train box 32, 22 MB at 64), as the torch form keeps its own."""
+    lib, arrays = native
+    x64 = x.detach().reshape(-1, 3).double().contiguous()
+    table = params.detach().view(-1, n_features).contiguous()
+    p, n_levels = x64.shape[0], len(levels)
+    out = torch.empty(p, n_levels * n_features)
+    corners = None
+    if params.requires_grad and p * n_levels * 8 * 8 <= _CACHE_BYTES:
+        corners = (torch.empty(n_levels, p, 8, dtype=torch.int32), torch.empty(n_levels, p, 8))
+    _native_call(lib.hash_grid_fwd, x64, arrays, fma, table, n_features, out, corners)
+    ctx.save_for_backward(x64)
+    ctx.native, ctx.n_features, ctx.fma, ctx.corners = native, n_features, fma, corners
+    ctx.params_shape, ctx.params_dtype = params.shape, params.dtype
+    return out
+
+
+def _native_backward(ctx, x64, grad_out) -> torch.Tensor:
+    lib, arrays = ctx.native
+    total = int(arrays[3][-1] + arrays[2][-1])
+    gtab = torch.zeros(total, ctx.n_features)
+    corners, ctx.corners = ctx.corners, None
+    _native_call(lib.hash_grid_bwd, x64, arrays, ctx.fma, grad_out.float().contiguous(), ctx.n_features, gtab,
+                 corners)
+    return gtab.view(ctx.params_shape).to(ctx.params_dtype)
+
+
 class _HashGridFunction(torch.autograd.Function):
     """Forward gathers 8 rows per level; backward scatters with ``index_add_`` (table gradient only)."""
 
     @staticmethod
     def forward(ctx, x, params, levels, n_features, fma_emulation):
+        native = _native_levels(x, params, levels)
+        if native is not None:
+            return _native_forward(ctx, x, params, levels, n_features, fma_emulation, native)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             table = params.float().view(-1, n_features)
@@ -188,7 +245,9 @@ class _HashGridFunction(torch.autograd.Function):
                 tab = table.narrow(0, lv["offset"], lv["size"])
                 vals = _gather_rows(tab, idx.view(-1)).view(8, P, F)
                 l = lv["level"]
-                if cpu:  # a broadcast over a trailing axis of F is ~2x slower than bmm on CPU
+                if cpu and F == 2:  # a corner's feature pair as one complex64: see _corner_sum
+                    o = torch.view_as_real((torch.view_as_complex(vals) * w).sum(0))
+                elif cpu:  # a broadcast over a trailing axis of F is ~2x slower than bmm on CPU
                     o = torch.bmm(w.t().unsqueeze(1), vals.transpose(0, 1)).view(P, F)
                 else:
                     o = (vals * w.unsqueeze(-1)).sum(0)
@@ -204,6 +263,8 @@ class _HashGridFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
             return None, None, None, None, None
+        if getattr(ctx, "native", None) is not None:
+            return None, _native_backward(ctx, x, grad_out), None, None, None
         F = ctx.n_features
         with torch.autocast(device_type=x.device.type, enabled=False):
             grad_out = grad_out.float()
@@ -225,6 +286,9 @@ class _HashGridFunction(torch.autograd.Function):
                     gl.index_add_(0, idx, (w.unsqueeze(-1) * g.unsqueeze(0)).view(8 * P, F))
                 elif F == 1:
                     gl.view(-1).index_add_(0, idx, (w * g.reshape(1, P)).view(-1))
+                elif F == 2:  # one complex-by-real multiply and one complex64 add per row (_corner_spread)
+                    src = w * _as_complex(g).unsqueeze(0)                                     # (8, P)
+                    gl.view(torch.complex64).view(-1).index_add_(0, idx, src.view(-1))
                 else:
                     # CPU: the weights repeated per feature keep the multiply contiguous, and an F=2
                     # row is scattered as one complex64 (two independent float32 adds) -- ~3x faster
@@ -450,6 +514,38 @@ def plan_bytes(n_points: int, n_levels: int) -> int:
     return n_points * n_levels * 8 * 8
 
 
+def _as_complex(t: torch.Tensor) -> torch.Tensor:
+    """(M, 2) fp32 as (M,) complex64, without a copy where the strides allow one complex per row."""
+    if t.stride(-1) != 1 or t.stride(0) % 2 or t.storage_offset() % 2:
+        t = t.contiguous()
+    return torch.view_as_complex(t)
+
+
+def _corner_sum(w: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """(M, F) = sum over the 8 corners of w (M, 8) times vals (M, 8, F).
+
+    For F = 2 a corner's pair of features is one complex64 number, so each corner's term is one
+    complex-by-real multiply: a batched (1 x 8) @ (8 x 2) GEMM costs about 2x that on CPU (16 levels of
+    22,000 points: 11 vs 6.6 ms), and broadcasting over the trailing axis of 2 about 4x."""
+    if vals.shape[-1] == 2 and vals.is_contiguous():
+        vc = torch.view_as_complex(vals)
+        # corner by corner, in the C kernel's order (native/hash_grid.c), so that the planned grid and the
+        # grid give the same numbers to the last bit
+        out = vc[:, 0] * w[:, 0]
+        for c in range(1, 8):
+            out += vc[:, c] * w[:, c]
+        return torch.view_as_real(out)
+    return torch.bmm(w.unsqueeze(1), vals).squeeze(1)
+
+
+def _corner_spread(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(M, 8, F) = w (M, 8) times g (M, F): the table gradient's source rows. For F = 2 one complex-by-real
+    multiply; as a batched (8 x 1) @ (1 x 2) GEMM it was 10x slower on CPU (33 vs 3 ms at 352,000 rows)."""
+    if g.shape[-1] == 2:
+        return torch.view_as_real(w * _as_complex(g).unsqueeze(-1))
+    return torch.bmm(w.unsqueeze(-1), g.unsqueeze(1))
+
+
 class _PlannedHashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, rows, weights, n_features):
@@ -458,7 +554,7 @@ class _PlannedHashGridFunction(torch.autograd.Function):
             F = n_features
             table = params.float().view(-1, F)
             vals = _gather_rows(table, rows.view(-1)).view(L * P, 8, F)
-            o = torch.bmm(weights.view(L * P, 1, 8), vals).view(L, P, F)
+            o = _corner_sum(weights.view(L * P, 8), vals).view(L, P, F)
         ctx.save_for_backward(rows, weights)
         ctx.n_features, ctx.n_entries = F, table.shape[0]
         ctx.params_shape, ctx.params_dtype = params.shape, params.dtype
@@ -473,7 +569,7 @@ class _PlannedHashGridFunction(torch.autograd.Function):
         L, P, _ = weights.shape
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             g = grad_out.float().view(P, L, F).transpose(0, 1).reshape(L * P, 1, F)
-            src = torch.bmm(weights.view(L * P, 8, 1), g).view(-1, F)     # (L*P*8, F)
+            src = _corner_spread(weights.view(L * P, 8), g.view(L * P, F)).view(-1, F)   # (L*P*8, F)
             gtab = torch.zeros(ctx.n_entries, F, device=grad_out.device, dtype=torch.float32)
             if F == 2:  # one complex64 add per row, as in _HashGridFunction
                 gtab.view(torch.complex64).view(-1).index_add_(0, rows.view(-1), torch.view_as_complex(src))

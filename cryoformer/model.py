@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -19,7 +21,7 @@ from .hashgrid import HashGrid, HashGridPlan, make_plan, plan_bytes, planned_for
 from .lattice import fourier_crop, image_plane_points, translate_images, volume_points
 from .memory import activation_budget, points_per_chunk
 from .occupancy import OccupancyGrid, cell_means, union_over_latents
-from .render import corrupt, pack_rows, project_volumes, rotated_points, sample_reach
+from .render import corrupt, pack_rows, project_sparse, rotated_points, sample_reach, voxel_slots
 
 
 class ModelConfig(BaseModel):
@@ -244,8 +246,9 @@ class CryoFormer(nn.Module):
         if occ is not None:
             keep &= occ.lookup(pts, self.cfg.box)
         vox = torch.nonzero(keep).squeeze(1)
-        if self.cfg.render == "canonical":  # every lattice point whose trilinear support reaches the sphere
-            img_pts, img_pix = image_plane_points(box, radius=box / 2.0 + 2.0, device=dev)
+        if self.cfg.render == "canonical":  # every lattice point whose trilinear support reaches a voxel
+            radius = box / 2.0 + 2.0 if occ is None else self._reach_radius(pts[vox] / scale, box)
+            img_pts, img_pix = image_plane_points(box, radius=radius, device=dev)
         else:
             img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
         hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
@@ -253,6 +256,20 @@ class CryoFormer(nn.Module):
                "full": occ is None or occ.is_full, "reach": sample_reach(keep.view(box, box, box))}
         self._lattices[key] = hit
         return hit
+
+    def _reach_radius(self, voxel_pts: torch.Tensor, box: int) -> float:
+        """Radius (``box`` pixels) of the image-plane lattice of the canonical renderer: beyond it no
+        trilinear sample can reach a rendered voxel in any pose, so those points are never rotated.
+
+        A rotation keeps the distance from the centre; a sample reaches voxels less than sqrt(3) away, and
+        the sub-voxel jitter moves the map by at most sqrt(3)/2 * jitter. With an occupancy grid this
+        drops the lattice points outside the molecule's ball before any per-image work (on the simulated
+        molecule at box 64, most of the sphere's 162,000 points per image)."""
+        full = box / 2.0 + 2.0
+        if len(voxel_pts) == 0:
+            return full
+        far = float(voxel_pts.norm(dim=-1).max())
+        return min(full, far + math.sqrt(3.0) * (1.0 + 0.5 * self.cfg.jitter) + 0.5)
 
     def _plan(self, lat: dict) -> HashGridPlan | None:
         """The hash grid's corners of a lattice's voxels, made on first use and kept with the lattice.
@@ -292,10 +309,11 @@ class CryoFormer(nn.Module):
         else:
             plan = self._plan(lat)
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
-        vol = torch.zeros(b, box ** 3, device=dens.device).index_copy(1, lat["voxels"], dens)
         reach = None if lat["full"] or not compacts_columns(dens.device) else lat["reach"]
-        return project_volumes(vol.view(b, box, box, box), rot, lat["image_pts"], lat["image_pix"], offset,
-                               reach=reach)
+        if reach is not None and lat.get("slots") is None:
+            lat["slots"] = voxel_slots(lat["voxels"], box)
+        return project_sparse(dens, lat["voxels"], None if reach is None else lat["slots"], box, rot,
+                              lat["image_pts"], lat["image_pix"], offset, reach=reach)
 
     def _render_rotated(self, kv, rot: torch.Tensor, box: int, lat: dict) -> torch.Tensor:
         """The paper's form: the field at each image's rotated lattice, summed along z.

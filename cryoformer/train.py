@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import ParticleData
-from .device import autocast_dtype, bind, cuda_rng_state, precision_note, resolve, restore_cuda_rng
+from .device import autocast_dtype, bind, cuda_rng_state, head_product_dtype, precision_note, resolve, restore_cuda_rng
 from .distributed import DistContext
 from .distributed import current as _dist_current
 from .compiled import CompileMode
@@ -33,6 +33,7 @@ from .hashgrid import level_corners
 from .lattice import fourier_crop
 from .memory import invalidate_budget
 from .model import CryoFormer, ModelConfig
+from .native.build import note as native_note
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -72,7 +73,8 @@ class TrainConfig(BaseModel):
     pose_weight: float = Field(1.0, ge=0, description="initial weight of the pose term in 'refine' mode (halves each epoch)")
     seed: int = 0
     device: str = "cpu"
-    amp: bool = Field(True, description="bf16 autocast where the GPU has bf16 tensor cores (cryoformer.device.autocast_dtype)")
+    amp: bool = Field(True, description="bf16 where the hardware multiplies it natively: autocast on GPUs with bf16 tensor "
+                                        "cores, the point head's products on CPUs with AVX512-BF16 or AMX (cryoformer.device)")
     log_interval_s: float = Field(10.0, gt=0)
     prefetch: int = Field(2, ge=0, description="minibatches read ahead in a background thread")
     occupancy_threshold: float = Field(
@@ -478,6 +480,7 @@ def train(data: ParticleData, model_cfg: ModelConfig, cfg: TrainConfig, ckpt_dir
                kl_w=cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (max(model_cfg.zdim, 1) * model_cfg.box ** 2),
                amp_dtype=autocast_dtype(device, cfg.amp), log=log, should_abort=should_abort, step_hook=step_hook)
     use_compile(cfg.compile and device.type == "cuda", log, cfg.compile_mode)
+    model.head.product_dtype = head_product_dtype(device, cfg.amp)
     _log_start(run)
     t_start = time.time()
     model.train()
@@ -530,6 +533,7 @@ def _log_start(run: _Run) -> None:
     run.log(f"training {run.n} particles, box {m.box} ({m.pixel_size_A:.3f} A/px), "
             f"{cfg.epochs} epochs x {run.steps_per_epoch} steps of {cfg.batch_size}, device {run.device}, "
             + precision_note(run.device, cfg.amp) + ", " + run.model.grid.backend_note(run.device)
+            + (", " + native_note() if run.device.type == "cpu" else "")
             + (f", {run.ctx.world} ranks" if run.ctx is not None else ""))
 
 

@@ -91,7 +91,8 @@ class JobConfig(BaseModel):
     gpus: str = Field("", description="comma-separated GPU ids; several = one data-parallel worker per GPU (NCCL); empty = CPU, or the first GPU if any")
     ranks: int | None = Field(None, ge=1, description="data-parallel CPU worker processes (gloo) when 'gpus' is empty (testing, CPU nodes); empty = 1, or one per GPU of 'gpus'")
     seed: int = Field(0, description="random seed (same seed, same result)")
-    amp: bool = Field(True, description="mixed precision on GPU")
+    amp: bool = Field(True, description="bf16 where the hardware multiplies it natively: autocast on GPUs of compute "
+                                        "capability >= 8.0, the point head's products on CPUs with AVX512-BF16 or AMX")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (with several workers: shared by the workers on one machine)")
 
     @field_validator("train_box", "map_box", "encoder_box")

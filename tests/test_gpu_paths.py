@@ -30,6 +30,18 @@ TINY = dict(box=16, pixel_size_A=8.0, zdim=2, tokens=8, channels=16, heads=2, en
             hash_levels=8, hash_log2_size=12, data_scale=1.0)
 
 
+@pytest.fixture(autouse=True)
+def torch_forms_only(monkeypatch):
+    """The CPU's C kernels (cryoformer.native) never run on a GPU: these tests stand in for the GPU with
+    the torch forms, which a CUDA device runs."""
+    import cryoformer.native.build as native_build
+
+    monkeypatch.setenv("CRYOFORMER_NATIVE", "0")
+    native_build.library.cache_clear()
+    yield
+    native_build.library.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _sim(n: int = 24):
     return simulate(n, 16, pixel_size_A=8.0, snr=2.0, seed=3)
@@ -731,8 +743,9 @@ def test_training_log_names_the_hash_grid_backend_and_precision(tcnn_installed, 
     from cryoformer.hashgrid import HashGrid
 
     lines = []
-    train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, batch_size=8, prefetch=0), tmp_path, log=lines.append)
-    assert "fp32, hash grid torch (fp32)" in lines[0]
+    train(_data(8), ModelConfig(**TINY), TrainConfig(epochs=1, batch_size=8, prefetch=0, amp=False), tmp_path,
+          log=lines.append)
+    assert "fp32, hash grid torch (fp32), CPU kernels in torch (CRYOFORMER_NATIVE=0)" in lines[0]
     # a broken tcnn build on a GPU: the log says torch ran, and why
     fake, _ = _probing_tcnn("CUDA error: no kernel image is available")
     tcnn_installed(fake)

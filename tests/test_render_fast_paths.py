@@ -223,10 +223,12 @@ def test_job_parameter_sets_the_cells_per_axis():
 
 def test_autocast_keeps_the_explicit_attention(monkeypatch):
     """Under bf16 autocast the head takes the explicit form (the one the bf16 precision checks cover);
-    in fp32 on a CPU the fused kernel, or the piecewise density pass where the points are many."""
+    in fp32 on a CPU without the native kernels (test_native_kernels.py) the fused kernel, or the
+    piecewise density pass where the points are many."""
     import cryoformer.decoder as decoder
     import cryoformer.point_density as pd
 
+    monkeypatch.setattr(decoder, "native_pays", lambda qn, keys: False)
     calls = []
     for name in ("point_density", "point_attention_fused"):
         real = getattr(decoder, name)
@@ -274,8 +276,8 @@ def test_piecewise_point_density_equals_the_explicit_head(shared, monkeypatch):
 
 def test_canonical_render_without_column_compaction_is_the_same(monkeypatch):
     """On a GPU the canonical renderer samples every lattice point (the compaction's data-dependent width
-    would synchronise with the host every step); its images must equal the compacted CPU path's, with an
-    off-centre occupied block so that many columns are empty."""
+    would synchronise with the host every step); its images must equal the compacted CPU path's (torch
+    form and C kernel), with an off-centre occupied block so that many columns are empty."""
     import cryoformer.model as model_mod
     import cryoformer.render as render_mod
 
@@ -291,10 +293,15 @@ def test_canonical_render_without_column_compaction_is_the_same(monkeypatch):
     packed = []
     monkeypatch.setattr(render_mod, "pack_rows", lambda keep: packed.append(1) or pack_rows(keep))
     with torch.no_grad():
+        native = model.render(tokens, rot, step=3)                  # the C compaction, where it is built
+        real_native = render_mod._native_pack
+        monkeypatch.setattr(render_mod, "_native_pack", lambda *a: None)
         compacted = model.render(tokens, rot, step=3)
         assert packed == [1]
+        monkeypatch.setattr(render_mod, "_native_pack", real_native)
         monkeypatch.setattr(model_mod, "compacts_columns", lambda device: False)
         every_point = model.render(tokens, rot, step=3)
         assert packed == [1]
     assert compacted.abs().max() > 0
     torch.testing.assert_close(every_point, compacted, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native, compacted, rtol=1e-5, atol=1e-6)
