@@ -176,10 +176,17 @@ def _native_levels(x: torch.Tensor, params: torch.Tensor, levels: list[dict]):
     lib = kernels()
     if lib is None:
         return None
-    arrays = (torch.tensor([lv["scale"] for lv in levels], dtype=torch.float64),
-              *(torch.tensor([int(lv[k]) for lv in levels], dtype=torch.int64)
-                for k in ("res", "size", "offset", "hashed")))
-    return lib, arrays
+    table = tuple((lv["scale"], lv["res"], lv["size"], lv["offset"], lv["hashed"]) for lv in levels)
+    return lib, _level_arrays(table)
+
+
+@functools.lru_cache(maxsize=8)
+def _level_arrays(table: tuple[tuple, ...]) -> tuple[torch.Tensor, ...]:
+    """A grid's level table as the C kernels' arrays (scale fp64; res, size, offset, hashed int64), made
+    once per grid rather than at every forward."""
+    scale, *ints = zip(*table)
+    return (torch.tensor(scale, dtype=torch.float64), *(torch.tensor([int(v) for v in col], dtype=torch.int64)
+                                                        for col in ints))
 
 
 def _native_call(fn, x64: torch.Tensor, arrays, fma: bool, data: torch.Tensor, F: int, out: torch.Tensor,
@@ -290,14 +297,10 @@ class _HashGridFunction(torch.autograd.Function):
                     src = w * _as_complex(g).unsqueeze(0)                                     # (8, P)
                     gl.view(torch.complex64).view(-1).index_add_(0, idx, src.view(-1))
                 else:
-                    # CPU: the weights repeated per feature keep the multiply contiguous, and an F=2
-                    # row is scattered as one complex64 (two independent float32 adds) -- ~3x faster
-                    # than broadcasting over F and index_add_ of 2-float rows.
+                    # CPU: the weights repeated per feature keep the multiply contiguous (~3x faster than
+                    # broadcasting over F)
                     src = (w.repeat_interleave(F, dim=1) * g.reshape(1, P * F)).view(8 * P, F)
-                    if F == 2:
-                        gl.view(torch.complex64).view(-1).index_add_(0, idx, torch.view_as_complex(src))
-                    else:
-                        gl.index_add_(0, idx, src)
+                    gl.index_add_(0, idx, src)
         return None, gtab.view(ctx.params_shape).to(ctx.params_dtype), None, None, None
 
 

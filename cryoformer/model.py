@@ -6,9 +6,8 @@ encodes each image's conformation, renders the predicted images and returns the 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -233,8 +232,9 @@ class CryoFormer(nn.Module):
         """Points of a ``box`` lattice the renderer uses, cached until the occupancy grid changes.
 
         ``voxels``: flat ``V[z, y, x]`` indices of the voxels inside the sphere and in occupied cells, and
-        ``voxel_pts`` their positions in training-box pixels; ``image_pts``/``image_pix``: the image-plane
-        sphere lattice in ``box`` pixels and its pixel index."""
+        ``voxel_pts`` their positions in training-box pixels, ``slots`` each voxel's column among them (-1:
+        not rendered); ``image_pts``/``image_pix``: the image-plane sphere lattice in ``box`` pixels and its
+        pixel index."""
         occ = getattr(self, "occupancy", None)
         key = (box, self.points.device)
         hit = self._lattices.get(key)
@@ -253,7 +253,8 @@ class CryoFormer(nn.Module):
             img_pts, img_pix = (self.points, self.pixels) if box == self.cfg.box else image_plane_points(box, device=dev)
         hit = {"voxels": vox, "voxel_pts": pts[vox], "image_pts": img_pts, "image_pix": img_pix,
                "version": None if occ is None else occ.version, "plan": None,
-               "full": occ is None or occ.is_full, "reach": sample_reach(keep.view(box, box, box))}
+               "full": occ is None or occ.is_full, "reach": sample_reach(keep.view(box, box, box)),
+               "slots": voxel_slots(vox, box)}
         self._lattices[key] = hit
         return hit
 
@@ -301,7 +302,6 @@ class CryoFormer(nn.Module):
         it could do anything in between, and a map at another box would show it. The offsets follow the
         R3 low-discrepancy sequence of the step number, so they cover the voxel evenly, use no random
         state, and a resumed or data-parallel run uses the same ones."""
-        b = kv[0].shape[0]
         pts, plan, offset = lat["voxel_pts"], None, None
         if step is not None and self.cfg.jitter > 0 and self.training and torch.is_grad_enabled():
             offset = jitter_offset(step, pts.device) * self.cfg.jitter          # voxels of ``box``
@@ -310,8 +310,6 @@ class CryoFormer(nn.Module):
             plan = self._plan(lat)
         dens = self.evaluate(pts, kv, plan).float()                             # (B, P)
         reach = None if lat["full"] or not compacts_columns(dens.device) else lat["reach"]
-        if reach is not None and lat.get("slots") is None:
-            lat["slots"] = voxel_slots(lat["voxels"], box)
         return project_sparse(dens, lat["voxels"], None if reach is None else lat["slots"], box, rot,
                               lat["image_pts"], lat["image_pix"], offset, reach=reach)
 

@@ -39,8 +39,12 @@ FAST_SUMS = {name: ["-fassociative-math", "-fno-signed-zeros", "-ffinite-math-on
 # ctypes signatures: p = pointer, l = long, f = float, i = int
 _SIGNATURES = {"softmax_fwd": "pplppllll", "softmax_again": "ppplpllll", "density_fwd": "plppfpllll",
                "density_bwd": "plppplppplll", "softmax_bwd": "pplplll"}
-_HASH_SIGNATURE = "plppppplipl ppp".replace(" ", "")
+_HASH_SIGNATURE = "plpppppliplppp"
 _CTYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "f": ctypes.c_float, "i": ctypes.c_int}
+
+
+def _switched_off() -> bool:
+    return os.environ.get("CRYOFORMER_NATIVE", "1") == "0"
 
 
 def _compiler() -> str | None:
@@ -108,7 +112,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled passes, or None (no compiler, a failed build, or ``CRYOFORMER_NATIVE=0``)."""
-    if os.environ.get("CRYOFORMER_NATIVE", "1") == "0":
+    if _switched_off():
         return None
     cc = _compiler()
     if cc is None:
@@ -133,7 +137,7 @@ def note() -> str:
     """For the training log: which form the CPU kernels run in, and why not C."""
     if library() is not None:
         return "CPU kernels in C"
-    if os.environ.get("CRYOFORMER_NATIVE", "1") == "0":
+    if _switched_off():
         return "CPU kernels in torch (CRYOFORMER_NATIVE=0)"
     return "CPU kernels in torch (" + ("the C build failed" if _compiler() else "no C compiler found") + ")"
 
